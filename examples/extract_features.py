@@ -1,0 +1,154 @@
+"""Extract ACE embeddings for an image file or a folder of images: a global vector and a patch map per image.
+
+    python examples/extract_features.py --model_name_or_path org/ace-vit-b --input xrays/ --output features/
+
+Outputs, for an image `<relative name>` (its path under --input, extension included):
+- npy: `<relative name>.global.npy` [C] and `<relative name>.patch.npy` [C, h, w], mirroring the input folders;
+- safetensors: one `features.safetensors` with keys `<relative name>.global` / `.patch`, and
+  `features_index.json` mapping each key to its image file (all features are held in memory until the end).
+
+Images go through the model's image processor directly (not PIL's 8-bit RGB conversion), so 16-bit X-rays keep
+their full range. Files that cannot be read are skipped, counted and named at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
+from ace_hf.data import read_dicom
+
+logger = logging.getLogger("extract_features")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+DICOM_SUFFIX = ".dcm"
+SKIPPED_NAMES_SHOWN = 5
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="exported model folder or Hub model id")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="an image file, or a folder (searched recursively)"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder for the features")
+    parser.add_argument("--format", choices=("npy", "safetensors"), default="npy")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow code stored with the model (ACE models load with the ace_hf classes either way)",
+    )
+    args = parser.parse_args(argv)
+    if not args.input.exists():
+        parser.error(f"--input {str(args.input)!r} does not exist")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    return args
+
+
+def find_images(input_path: Path) -> list[Path]:
+    """The input file itself, or every image under the folder (sorted); DICOM only when pydicom is installed."""
+    if input_path.is_file():
+        return [input_path]
+    files = sorted(path for path in input_path.rglob("*") if path.is_file())
+    suffixes = set(IMAGE_SUFFIXES)
+    if find_spec("pydicom") is not None:
+        suffixes.add(DICOM_SUFFIX)
+    elif dicom_count := sum(path.suffix.lower() == DICOM_SUFFIX for path in files):
+        logger.warning(f"Skipping {dicom_count} DICOM file(s): pip install pydicom to read them.")
+    return [path for path in files if path.suffix.lower() in suffixes]
+
+
+def load_pixels(processor: BaseImageProcessor, path: Path) -> torch.Tensor:
+    """One image as model input [num_channels, H, W]; DICOM is read with its LUTs applied, the rest by the
+    processor itself (which windows 8-bit, 16-bit and float images by bit depth)."""
+    image = read_dicom(path) if path.suffix.lower() == DICOM_SUFFIX else path
+    return processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(paths), batch_size):
+        yield paths[start : start + batch_size]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the extraction; returns the exit status (1 when no image could be read)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = model.to(args.device).eval()
+    processor = AutoImageProcessor.from_pretrained(
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code
+    )
+
+    paths = find_images(args.input)
+    if not paths:
+        logger.error(f"No images found at {args.input} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        return 1
+    root = args.input if args.input.is_dir() else args.input.parent
+    args.output.mkdir(parents=True, exist_ok=True)
+    features: dict[str, np.ndarray] = {}  # safetensors format: written at the end
+    index: dict[str, str] = {}  # safetensors key -> image file, relative to --input
+    skipped: list[str] = []  # "path (reason)"
+    written = 0
+
+    with torch.no_grad(), tqdm(total=len(paths), desc="Extracting", unit="image") as progress:
+        for batch in batches(paths, args.batch_size):
+            names, pixels = [], []
+            for path in batch:
+                try:
+                    pixels.append(load_pixels(processor, path))
+                    names.append(path.relative_to(root).as_posix())
+                except Exception as error:  # any unreadable file is skipped, never the whole run
+                    skipped.append(f"{path} ({error})")
+            if pixels:
+                outputs = model(pixel_values=torch.stack(pixels).to(args.device))
+                global_embeddings = outputs.pooler_output.float().cpu().numpy()
+                # contiguous: safetensors writes an array's raw buffer, whatever its strides
+                patch_maps = outputs.patch_embeddings.float().cpu().contiguous().numpy()
+                for name, global_embedding, patch_map in zip(
+                    names, global_embeddings, patch_maps, strict=True
+                ):
+                    arrays = {f"{name}.global": global_embedding, f"{name}.patch": patch_map}
+                    if args.format == "npy":
+                        (args.output / name).parent.mkdir(parents=True, exist_ok=True)
+                        for key, array in arrays.items():
+                            np.save(args.output / f"{key}.npy", array)
+                    else:
+                        features.update(arrays)
+                        index.update(dict.fromkeys(arrays, name))
+                written += len(names)
+            progress.update(len(batch))
+
+    if args.format == "safetensors" and features:
+        metadata = {"model": str(args.model_name_or_path)}
+        save_file(features, args.output / "features.safetensors", metadata=metadata)
+        (args.output / "features_index.json").write_text(json.dumps(index, indent=2))
+    logger.info(f"Wrote features of {written} image(s) to {args.output}.")
+    if skipped:
+        shown = "\n  ".join(skipped[:SKIPPED_NAMES_SHOWN]) + (
+            "\n  ..." if len(skipped) > SKIPPED_NAMES_SHOWN else ""
+        )
+        logger.warning(f"Skipped {len(skipped)} unreadable file(s):\n  {shown}")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Publishing an encoder: the exported folder, loading it as remote code in a clean process, and the upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.utils import filter_repo_objects
+from safetensors import safe_open
+from transformers.image_utils import load_image
+
+from ace_hf import AceImageProcessor, AceModel
+from ace_hf.hub import export_pretrained, push_to_hub
+from tests.conftest import tiny_vit_config
+
+REMOTE_CODE_FILES = [
+    "configuration_ace.py",
+    "modeling_ace.py",
+    "image_processing_ace.py",
+    "correspondence_ace.py",
+    "losses_ace.py",
+]
+SUMMARY = {
+    "dataset": "300 synthetic chest radiographs",
+    "steps": 123,
+    "epochs": 4,
+    "global_batch_size": 16,
+    "final_loss": 1.2345,
+    "final_global_loss": 7.125,
+    "final_local_loss": 0.8125,
+    "final_decomposition_loss": 0.6875,
+    "final_composition_loss": 0.9375,
+    "wall_time_s": 3723.4,
+}
+
+# Runs in a new process where ace_hf cannot be imported: only the code inside the exported folder can load.
+CHILD_SCRIPT = r"""
+import json
+import sys
+
+sys.modules["ace_hf"] = None  # makes every `import ace_hf...` raise ImportError
+try:
+    import ace_hf  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("ace_hf is importable in the child process")
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModel, pipeline
+
+folder, image, out = sys.argv[1:4]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+with torch.no_grad():
+    outputs = model(**processor(image, return_tensors="pt"))
+np.save(f"{out}/pooled.npy", outputs.pooler_output.numpy())
+np.save(f"{out}/patch.npy", outputs.patch_embeddings.numpy())
+extractor = pipeline("image-feature-extraction", model=folder, trust_remote_code=True, pool=True)
+np.save(f"{out}/pipeline.npy", extractor(image, return_tensors=True).numpy())
+modules = {
+    "model": type(model).__module__,
+    "processor": type(processor).__module__,
+    "pipeline_model": type(extractor.model).__module__,
+    "ace_hf": sorted(name for name, module in sys.modules.items() if name.startswith("ace_hf") and module),
+}
+with open(f"{out}/modules.json", "w") as file:
+    json.dump(modules, file)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[AceModel, AceImageProcessor, Path]:
+    torch.manual_seed(0)
+    config = tiny_vit_config()
+    encoder, processor = AceModel(config).eval(), AceImageProcessor.from_ace_config(config)
+    folder = export_pretrained(
+        encoder,
+        processor,
+        tmp_path_factory.mktemp("export") / "ace-vit-tiny",
+        model_id="test-org/ace-vit-tiny",
+        training_summary=SUMMARY,
+        dataset_names=["example/chest-xrays"],
+    )
+    return encoder, processor, folder
+
+
+@pytest.fixture(scope="module")
+def xray_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-square 10-bit X-ray in a 16-bit PNG: its 8-bit RGB rendering clips most pixels at 255."""
+    rows, cols = np.mgrid[0:48, 0:40]
+    pixels = ((rows * 37 + cols * 11) % 1024).astype(np.uint16)
+    path = tmp_path_factory.mktemp("images") / "xray16.png"
+    PIL.Image.fromarray(pixels).save(path)
+    assert PIL.Image.open(path).mode == "I;16"
+    return path
+
+
+def test_export_writes_weights_remote_code_and_model_card(exported) -> None:
+    _, _, folder = exported
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        *REMOTE_CODE_FILES,
+    ]:
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_ace.AceConfig",
+        "AutoModel": "modeling_ace.AceModel",
+    }
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    assert "image_processing_ace.AceImageProcessor" in str(preprocessor["auto_map"]["AutoImageProcessor"])
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert {"ace", "self-supervised", "medical-imaging", "chest-x-ray", "vision"} <= set(card.data.tags)
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets == ["example/chest-xrays"]
+    for text in [
+        "| Optimizer steps | 123 |",
+        "| Epochs | 4 |",
+        "| Global batch size | 16 |",
+        "| Final total loss | 1.234 |",  # 4 significant digits
+        "| Final global loss | 7.125 |",
+        "| Final local loss | 0.8125 |",
+        "| Final decomposition loss | 0.6875 |",
+        "| Final composition loss | 0.9375 |",
+        "| Data | 300 synthetic chest radiographs |",
+        "| Wall time | 1 h 02 min 03 s |",
+        "| Parameters | 23,904 |",
+        "| Embedding width | 32 |",
+        "4 x 4 tokens",
+        'AutoModel.from_pretrained("test-org/ace-vit-tiny", trust_remote_code=True)',
+        'pipeline("image-feature-extraction", model="test-org/ace-vit-tiny", trust_remote_code=True, pool=True)',
+        "arXiv 2501.10131",
+    ]:
+        assert text in card.text, text
+
+
+def test_export_stores_float32_weights_of_a_half_precision_model(tmp_path: Path) -> None:
+    config = tiny_vit_config()
+    encoder = AceModel(config).half()
+    folder = export_pretrained(encoder, AceImageProcessor.from_ace_config(config), tmp_path / "export")
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}
+    assert encoder.dtype == torch.float16  # the caller's model is left as it was
+    assert "| Pretraining |" not in (folder / "README.md").read_text()  # no summary, no table
+
+
+def test_export_names_a_missing_template_before_writing(tmp_path: Path) -> None:
+    config = tiny_vit_config()
+    with pytest.raises(FileNotFoundError, match="no_such_card.md"):
+        export_pretrained(
+            AceModel(config),
+            AceImageProcessor.from_ace_config(config),
+            tmp_path / "export",
+            template_path=tmp_path / "no_such_card.md",
+        )
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_loads_as_remote_code_in_a_process_without_ace_hf(exported, xray_png, tmp_path: Path) -> None:
+    encoder, processor, folder = exported
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+    }
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD_SCRIPT, str(folder), str(xray_png), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    for key in ("model", "processor", "pipeline_model"):
+        assert modules[key].startswith("transformers_modules."), modules
+    assert modules["ace_hf"] == []
+
+    with torch.no_grad():
+        expected = encoder(**processor(xray_png, return_tensors="pt"))
+        # The pipeline reads files as 8-bit RGB; the same model on that rendering is what it must return.
+        expected_rgb8 = encoder(**processor(load_image(str(xray_png)), return_tensors="pt")).pooler_output
+    np.testing.assert_allclose(np.load(tmp_path / "pooled.npy"), expected.pooler_output.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "patch.npy"), expected.patch_embeddings.numpy(), atol=1e-5)
+    pipeline_pooled = np.load(tmp_path / "pipeline.npy")
+    np.testing.assert_allclose(pipeline_pooled, expected_rgb8.numpy(), atol=1e-5)
+    # The clipping the model card warns about: the 8-bit rendering gives another embedding.
+    assert not np.allclose(pipeline_pooled, expected.pooler_output.numpy(), atol=1e-3)
+
+
+class FakeHfApi:
+    """Records what push_to_hub asks of the Hub, and which files the upload would carry."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id: str, **kwargs) -> str:
+        self.created.append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, folder_path, repo_id: str, commit_message: str, allow_patterns=None) -> str:
+        folder = Path(folder_path)
+        files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns))
+        self.uploads.append({"repo_id": repo_id, "commit_message": commit_message, "files": uploaded})
+        return f"https://huggingface.co/{repo_id}/commit/0123abc"
+
+
+def test_push_to_hub_creates_the_repo_and_uploads_the_export_only(exported, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(exported[2], tmp_path / "output"))
+    (folder / "checkpoint-10").mkdir()  # training state next to the export must stay off the Hub
+    (folder / "checkpoint-10" / "optimizer.bin").write_bytes(b"state")
+    api = FakeHfApi()
+    url = push_to_hub(folder, "test-org/ace-vit-tiny", private=True, commit_message="Add encoder", api=api)
+
+    assert url == "https://huggingface.co/test-org/ace-vit-tiny/commit/0123abc"
+    assert api.created == [
+        {"repo_id": "test-org/ace-vit-tiny", "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
+    [upload] = api.uploads
+    assert upload["repo_id"] == "test-org/ace-vit-tiny"
+    assert upload["commit_message"] == "Add encoder"
+    assert {"README.md", "model.safetensors", "config.json", "preprocessor_config.json"} <= set(
+        upload["files"]
+    )
+    assert set(REMOTE_CODE_FILES) <= set(upload["files"])
+    assert not [name for name in upload["files"] if name.startswith("checkpoint-")]
+
+
+def test_push_to_hub_refuses_a_folder_without_an_export(tmp_path: Path) -> None:
+    api = FakeHfApi()
+    with pytest.raises(FileNotFoundError, match="export_pretrained"):
+        push_to_hub(tmp_path, "test-org/ace-vit-tiny", api=api)
+    assert api.created == [] and api.uploads == []
+
+
+@pytest.mark.hub
+@pytest.mark.skipif(not os.environ.get("HF_TOKEN"), reason="needs HF_TOKEN and the real Hugging Face Hub")
+def test_push_to_the_real_hub(exported) -> None:
+    _, _, folder = exported
+    api = HfApi(token=os.environ["HF_TOKEN"])
+    repo_id = f"{api.whoami()['name']}/ace-hf-test-{uuid.uuid4().hex[:8]}"
+    try:
+        push_to_hub(folder, repo_id, private=True, api=api)
+        assert api.repo_info(repo_id).private
+        files = set(api.list_repo_files(repo_id))
+        assert {"README.md", "model.safetensors", "config.json", "modeling_ace.py"} <= files
+    finally:
+        api.delete_repo(repo_id, missing_ok=True)
