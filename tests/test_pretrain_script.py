@@ -1,0 +1,261 @@
+"""examples/pretrain.py end to end on tiny models: export, resume equality, bad files, NaN guard, 2 processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ace_hf import AceForPreTraining
+from tests.conftest import tiny_vit_config
+from tests.test_hub import FakeHfApi
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "pretrain.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ace_pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = _load_script()
+
+
+@pytest.fixture
+def tiny_config_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "config"
+    tiny_vit_config().save_pretrained(folder)
+    return folder
+
+
+def _write_images(folder: Path, count: int, bad: int = 0, seed: int = 0) -> Path:
+    """Small grayscale PNGs (8- and 16-bit) with structure, plus `bad` corrupt files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:48, 0:48]
+    for index in range(count):
+        blob = np.exp(-((rows - rng.uniform(10, 38)) ** 2 + (cols - rng.uniform(10, 38)) ** 2) / 80.0)
+        image = blob + 0.2 * rng.random((48, 48))
+        if index % 2:
+            Image.fromarray((image / image.max() * 4095).astype(np.uint16)).save(
+                folder / f"img{index:03d}.png"
+            )
+        else:
+            Image.fromarray((image / image.max() * 255).astype(np.uint8)).save(folder / f"img{index:03d}.png")
+    for index in range(bad):
+        (folder / f"broken{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    return folder
+
+
+def _args(data_dir: Path, config_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--train_dir", str(data_dir),
+        "--config_name", str(config_dir),
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2",
+        "--warmup_epochs", "0",
+        "--logging_steps", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_run_exports_a_loadable_encoder_with_card_and_summary(tmp_path, tiny_config_dir) -> None:
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    summary = pretrain.main(_args(data, tiny_config_dir, output, "--num_train_epochs", "2"))
+    assert summary["steps"] == 4 and summary["skipped_images"] == 0
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_ace.py",
+    ):
+        assert (output / name).exists(), name
+    assert json.loads((output / "training_summary.json").read_text())["steps"] == 4
+    card = (output / "README.md").read_text()
+    assert "image-feature-extraction" in card and "library_name: transformers" in card
+    # The exported weights are the teacher's, taken from the last checkpoint.
+    checkpoint = output / "checkpoints" / "step_4"
+    assert checkpoint.is_dir()
+    exported = load_file(output / "model.safetensors")
+    model = AceForPreTraining(tiny_vit_config())
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    for key, value in model.teacher.ace.state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+
+RESUME_ARGS = ("--num_train_epochs", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
+
+
+@pytest.fixture
+def resume_setup(tmp_path, tiny_config_dir):
+    """12 images, batch 4: 3 steps an epoch, 6 in all; the weights of an uninterrupted run at step 6."""
+    data = _write_images(tmp_path / "data", 12)
+    straight = tmp_path / "straight"
+    pretrain.main(_args(data, tiny_config_dir, straight, *RESUME_ARGS))
+    return data, tiny_config_dir, load_file(straight / "checkpoints" / "step_6" / "model.safetensors")
+
+
+def _interrupt_at_update(monkeypatch, call: int, action) -> None:
+    """Run `action` when the teacher is updated for the `call`-th time (inside optimizer step `call`)."""
+    original_update = AceForPreTraining.update_teacher
+    calls = {"n": 0}
+
+    def update(self, momentum):
+        calls["n"] += 1
+        if calls["n"] == call:
+            action()
+        return original_update(self, momentum)
+
+    monkeypatch.setattr(AceForPreTraining, "update_teacher", update)
+
+
+def _assert_same_weights(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    resumed = load_file(folder / "checkpoints" / "step_6" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_weights(
+    tmp_path, resume_setup, monkeypatch
+) -> None:
+    data, config_dir, expected = resume_setup
+    output = tmp_path / "stopped"
+    _interrupt_at_update(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    summary = pretrain.main(_args(data, config_dir, output, *RESUME_ARGS))
+    monkeypatch.undo()
+    assert summary["interrupted"] and summary["steps"] == 5
+    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2", "step_4", "step_5"]
+    assert not (output / "model.safetensors").exists(), "an interrupted run must not export"
+
+    summary = pretrain.main(
+        _args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    )
+    assert summary["steps"] == 6 and not summary["interrupted"]
+    _assert_same_weights(output, expected)
+
+
+def test_crashed_run_resumes_from_the_last_checkpoint_with_the_same_weights(
+    tmp_path, resume_setup, monkeypatch
+) -> None:
+    data, config_dir, expected = resume_setup
+    output = tmp_path / "crashed"
+
+    def crash() -> None:
+        raise RuntimeError("simulated crash")
+
+    _interrupt_at_update(monkeypatch, 5, crash)  # after the checkpoint at step 4, in the middle of epoch 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain.main(_args(data, config_dir, output, *RESUME_ARGS))
+    monkeypatch.undo()
+    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2", "step_4"]
+
+    pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
+    _assert_same_weights(output, expected)
+
+
+def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_config_dir) -> None:
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    pretrain.main(_args(data, tiny_config_dir, output, "--max_steps", "5", "--checkpointing_steps", "1"))
+    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_4", "step_5"]
+    assert not list((output / "checkpoints").glob(".partial-*"))
+
+
+def test_bad_files_are_skipped_counted_and_named(tmp_path, tiny_config_dir, caplog) -> None:
+    data = _write_images(tmp_path / "data", 6, bad=2)
+    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", "--num_train_epochs", "1"))
+    assert summary["steps"] == 2
+    assert summary["skipped_images"] == 2
+    assert "broken0.png" in caplog.text and "broken1.png" in caplog.text
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, monkeypatch) -> None:
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    original_forward = AceForPreTraining.forward
+    calls = {"n": 0}
+
+    def forward_that_diverges(self, *args, **kwargs):
+        result = original_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(AceForPreTraining, "forward", forward_that_diverges)
+    with pytest.raises(FloatingPointError, match=r"became nan at optimizer step 3.*step_2"):
+        pretrain.main(_args(data, tiny_config_dir, output, "--max_steps", "6", "--checkpointing_steps", "2"))
+    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2"]
+
+
+def test_push_to_hub_uploads_the_export(tmp_path, tiny_config_dir, monkeypatch) -> None:
+    api = FakeHfApi()
+    monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    data = _write_images(tmp_path / "data", 8)
+    extra = ("--max_steps", "1", "--push_to_hub", "--hub_model_id", "org/ace-test", "--hub_private_repo")
+    pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    assert api.created == [
+        {"repo_id": "org/ace-test", "private": True, "exist_ok": True, "repo_type": "model"}
+    ]
+    files = api.uploads[0]["files"]
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_ace.py",
+        "preprocessor_config.json",
+    } <= set(files)
+    assert not any(name.startswith("checkpoints/") for name in files)
+    assert "org/ace-test" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_streaming_with_tensorboard_and_continuing_from_an_encoder(tmp_path, tiny_config_dir) -> None:
+    data = _write_images(tmp_path / "data", 8)
+    first = tmp_path / "first"
+    extra = ("--streaming", "--max_steps", "3", "--report_to", "tensorboard", "--save_sample_ids")
+    summary = pretrain.main(_args(data, tiny_config_dir, first, *extra))
+    assert summary["steps"] == 3
+    assert list(first.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+    seen = json.loads((first / "sample_ids_rank0.json").read_text())
+    assert len(seen) == 12 and set(seen) <= set(range(8))
+
+    second = tmp_path / "second"
+    pretrain.main(
+        [*_args(data, tiny_config_dir, second, "--max_steps", "1"), "--model_name_or_path", str(first)]
+    )
+    assert (second / "model.safetensors").exists()
+
+
+def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir) -> None:
+    data = _write_images(tmp_path / "data", 16)
+    output = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731", str(SCRIPT),
+        *_args(data, tiny_config_dir, output, "--num_train_epochs", "1", "--save_sample_ids"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "identical on all 2 process(es)" in result.stderr + result.stdout
+    ids = [json.loads((output / f"sample_ids_rank{rank}.json").read_text()) for rank in range(2)]
+    assert len(ids[0]) == len(ids[1]) == 8  # 2 steps x batch 4 on each process
+    assert not set(ids[0]) & set(ids[1]), "the two processes saw the same examples"
+    assert sorted(ids[0] + ids[1]) == list(range(16))
