@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--weight_decay", type=float, default=0.04)
     train.add_argument("--weight_decay_end", type=float, default=0.4)
     train.add_argument("--max_grad_norm", type=float, default=0.8)
-    train.add_argument("--num_train_epochs", type=int, default=8)
+    train.add_argument("--num_train_epochs", type=int, default=20)
     train.add_argument("--max_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
     train.add_argument("--warmup_epochs", type=float, default=1.0)
     train.add_argument("--freeze_last_layer_epochs", type=float, default=1.0)

@@ -174,9 +174,21 @@ def test_crashed_run_resumes_from_the_last_checkpoint_with_the_same_weights(
 def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
-    pretrain.main(_args(data, tiny_config_dir, output, "--max_steps", "5", "--checkpointing_steps", "1"))
+    extra = ("--max_steps", "5", "--checkpointing_steps", "1", "--export_with_checkpoints")
+    pretrain.main(_args(data, tiny_config_dir, output, *extra))
     assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_4", "step_5"]
     assert not list((output / "checkpoints").glob(".partial-*"))
+    assert (output / "checkpoints" / "step_4" / "encoder" / "model.safetensors").exists()
+
+
+def test_bf16_autocast_run_exports_float32_weights(tmp_path, tiny_config_dir, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    data = _write_images(tmp_path / "data", 8)
+    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", "--max_steps", "2"))
+    assert np.isfinite(summary["final_loss"])
+    assert all(
+        value.dtype == torch.float32 for value in load_file(tmp_path / "out" / "model.safetensors").values()
+    )
 
 
 def test_bad_files_are_skipped_counted_and_named(tmp_path, tiny_config_dir, caplog) -> None:
