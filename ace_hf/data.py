@@ -5,6 +5,7 @@ Training-side module: never imported by the files that travel to the Hub.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,25 @@ from .image_processing_ace import AceImageProcessor
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def is_dicom(path: str | Path) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (recursive, sorted); DICOM files only when pydicom is installed."""
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    suffixes = IMAGE_SUFFIXES
+    if importlib.util.find_spec("pydicom") is not None:
+        suffixes += DICOM_SUFFIXES
+    elif dicom_count := sum(is_dicom(path) for path in files):
+        logger.warning(
+            f"Skipping {dicom_count} DICOM file(s) in {folder}: pip install 'ace-hf[dicom]' to read them."
+        )
+    return [path for path in files if path.suffix.lower() in suffixes]
 
 
 def read_dicom(source: str | Path | bytes) -> np.ndarray:
@@ -47,7 +66,7 @@ def decode_image(value: Any) -> PIL.Image.Image | np.ndarray:
         path, data = str(value), None
     else:
         return value
-    if path is not None and str(path).lower().endswith(DICOM_SUFFIXES):
+    if path is not None and is_dicom(path):
         return read_dicom(data if data is not None else path)
     image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
     image.load()
@@ -86,9 +105,14 @@ def load_pretraining_dataset(
     elif train_dir:
         if not Path(train_dir).is_dir():
             raise ValueError(f"--train_dir {train_dir!r} is not a directory")
-        dataset = datasets.load_dataset(
-            "imagefolder", data_dir=train_dir, drop_labels=True, split="train", streaming=streaming
-        )
+        files = list_image_files(train_dir)
+        if any(is_dicom(path) for path in files):  # imagefolder does not know DICOM: list the files instead
+            dataset = datasets.Dataset.from_dict({"image": [str(path) for path in files]})
+            dataset = dataset.to_iterable_dataset() if streaming else dataset
+        else:
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=train_dir, drop_labels=True, split="train", streaming=streaming
+            )
         description = f"image folder {train_dir}"
     else:
         from .drr import build_default_dataset

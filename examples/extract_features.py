@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,10 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
-from ace_hf.data import read_dicom
+from ace_hf.data import IMAGE_SUFFIXES, decode_image, list_image_files
 
 logger = logging.getLogger("extract_features")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-DICOM_SUFFIX = ".dcm"
 SKIPPED_NAMES_SHOWN = 5
 
 
@@ -64,23 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def find_images(input_path: Path) -> list[Path]:
-    """The input file itself, or every image under the folder (sorted); DICOM only when pydicom is installed."""
-    if input_path.is_file():
-        return [input_path]
-    files = sorted(path for path in input_path.rglob("*") if path.is_file())
-    suffixes = set(IMAGE_SUFFIXES)
-    if find_spec("pydicom") is not None:
-        suffixes.add(DICOM_SUFFIX)
-    elif dicom_count := sum(path.suffix.lower() == DICOM_SUFFIX for path in files):
-        logger.warning(f"Skipping {dicom_count} DICOM file(s): pip install pydicom to read them.")
-    return [path for path in files if path.suffix.lower() in suffixes]
+    """The input file itself, or every image under the folder (sorted)."""
+    return [input_path] if input_path.is_file() else list_image_files(input_path)
 
 
 def load_pixels(processor: BaseImageProcessor, path: Path) -> torch.Tensor:
     """One image as model input [num_channels, H, W]; DICOM is read with its LUTs applied, the rest by the
-    processor itself (which windows 8-bit, 16-bit and float images by bit depth)."""
-    image = read_dicom(path) if path.suffix.lower() == DICOM_SUFFIX else path
-    return processor(image, return_tensors="pt")["pixel_values"][0]
+    processor's own windowing (8-bit, 16-bit and float images by bit depth)."""
+    return processor(decode_image(path), return_tensors="pt")["pixel_values"][0]
 
 
 def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
