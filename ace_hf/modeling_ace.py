@@ -6,6 +6,7 @@ relative imports, the other ACE files that travel with it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -265,6 +266,18 @@ def _swin_config(config: AceConfig) -> SwinConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# from_pretrained arguments that also locate the config.
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+)
+
+
 class AcePreTrainedModel(PreTrainedModel):
     config_class = AceConfig
     config: AceConfig
@@ -277,6 +290,24 @@ class AcePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load as usual; an ACE checkpoint of the other kind is converted instead of loading random weights:
+        a pretraining checkpoint loaded as `AceModel` gives its teacher encoder (what ACE publishes), and an
+        encoder loaded as `AceForPreTraining` starts pretraining from it (see `from_encoder`)."""
+        config = kwargs.get("config")
+        if not isinstance(config, AceConfig):
+            config_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = AceConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+        saved_as = (config.architectures or [cls.__name__])[0]
+        if cls.__name__ == "AceModel" and saved_as == "AceForPreTraining":
+            kwargs.setdefault("key_mapping", {r"^teacher\.ace\.": ""})
+        elif cls.__name__ == "AceForPreTraining" and saved_as == "AceModel":
+            return cls.from_encoder(
+                AceModel.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal linear/conv weights (ViT/DINO recipe), zero biases, unit norms."""
@@ -326,7 +357,7 @@ class AceModel(AcePreTrainedModel):
                 f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be multiples of the token "
                 f"stride {stride}; resize with AceImageProcessor."
             )
-        return pixel_values
+        return pixel_values.to(self.dtype)
 
     def forward(
         self,
@@ -494,7 +525,11 @@ class AceForPreTraining(AcePreTrainedModel):
         self.student = AceBranch(config, AceModel(config))
         self.upsampler = AceUpsampler(config)
         self.downsampler = AceDownsampler(config)
-        self.teacher = AceBranch(config, AceModel(config))
+        # The teacher is deterministic (no drop path, no dropout), as in DINO: its outputs are the targets.
+        teacher_config = copy.deepcopy(config)
+        teacher_config.drop_path_rate = teacher_config.hidden_dropout_prob = 0.0
+        teacher_config.attention_probs_dropout_prob = 0.0
+        self.teacher = AceBranch(teacher_config, AceModel(teacher_config))
         self.teacher.requires_grad_(False)
         self.dino_loss = DinoLoss(config.dino_out_dim, config.student_temperature, config.center_momentum)
         self.decomposition_loss = MatrixMatchingLoss(config.local_temperature, config.decomposition_alpha)
@@ -554,6 +589,11 @@ class AceForPreTraining(AcePreTrainedModel):
                 raise ValueError(
                     f"{name} must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(pixels.shape)}"
                 )
+        if not pixel_values_large.shape[0] == pixel_values_small.shape[0] == view_origins.shape[0]:
+            raise ValueError(
+                f"pixel_values_large, pixel_values_small and view_origins must have the same batch size, got "
+                f"{pixel_values_large.shape[0]}, {pixel_values_small.shape[0]} and {view_origins.shape[0]}"
+            )
         teacher_temperature = (
             teacher_temperature if teacher_temperature is not None else config.teacher_temperature
         )

@@ -177,3 +177,11 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).pooler_output, model(pixels).pooler_output)
+
+
+@pytest.mark.parametrize("make_config", [tiny_vit_config, tiny_swin_config])
+def test_half_precision_models_accept_float32_pixels(make_config) -> None:
+    model = AceModel(make_config()).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 32, 32))
+    assert output.pooler_output.dtype == torch.bfloat16

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ace_hf import AceForPreTraining, AceModel, sample_view_origins
+from ace_hf import AceForPreTraining, AceImageProcessor, AceModel, correspondence_targets, sample_view_origins
+from ace_hf.modeling_ace import AceDownsampler, AceUpsampler
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
 
@@ -145,3 +147,106 @@ def test_wrong_view_shapes_raise() -> None:
     batch["pixel_values_small"] = batch["pixel_values_small"][:, :, :16]
     with pytest.raises(ValueError, match="pixel_values_small"):
         model(**batch)
+
+
+def test_teacher_is_deterministic_in_training_mode() -> None:
+    """Drop path and dropout belong to the student only: the teacher's outputs are targets."""
+    config = tiny_vit_config(drop_path_rate=0.5, hidden_dropout_prob=0.3)
+    model = AceForPreTraining(config).train()
+    pixels, overlap = torch.randn(4, 3, 32, 32), torch.ones(4, 16, dtype=torch.bool)
+    with torch.no_grad():
+        first, second = model.teacher(pixels, overlap), model.teacher(pixels, overlap)
+        student_first, student_second = model.student(pixels, overlap), model.student(pixels, overlap)
+    torch.testing.assert_close(first, second)
+    assert not torch.equal(student_first[0], student_second[0])
+
+
+def test_loading_a_pretraining_checkpoint_as_encoder_gives_the_teacher(tmp_path) -> None:
+    model = AceForPreTraining(tiny_vit_config())
+    with torch.no_grad():
+        for param in model.teacher.parameters():
+            param.mul_(0.5)
+    model.save_pretrained(tmp_path)
+    encoder = AceModel.from_pretrained(tmp_path)
+    teacher_state = model.teacher.ace.state_dict()
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, teacher_state[key]), key
+
+
+def test_loading_an_encoder_for_pretraining_starts_from_it(tmp_path) -> None:
+    encoder = AceModel(tiny_vit_config())
+    encoder.save_pretrained(tmp_path)
+    model = AceForPreTraining.from_pretrained(tmp_path)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(model.student.ace.state_dict()[key], value), key
+    assert _teacher_equals_student(model)
+
+
+def test_mismatched_batch_sizes_raise() -> None:
+    config = tiny_vit_config()
+    batch = _batch(config)
+    batch["view_origins"] = batch["view_origins"][:2]
+    with pytest.raises(ValueError, match="same batch size"):
+        AceForPreTraining(config)(**batch)
+
+
+class _Constant(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def test_up_and_down_sampler_layouts_match_the_target_columns() -> None:
+    """With the samplers' MLPs replaced by exact pixel descriptors, every target peak must pair the same pixels.
+
+    Decomposition: the up-sampler's sub-token j of the large view (column j of the target) must show the same
+    image cell as small-view token i when j is the peak of row i. Composition: the down-sampler's pooled
+    position p (column p) must gather the same 2 x 2 cells as large-view token k when p is the peak of row k.
+    """
+    n, cell, grid, batch_size = 4, 8, 12, 32
+    processor = AceImageProcessor(
+        size=n * cell,
+        grid_size=grid,
+        cell_size=cell,
+        view_tokens=n,
+        min_overlap=0.05,
+        image_mean=0.0,
+        image_std=1.0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(grid * cell, grid * cell, generator=generator) for _ in range(batch_size)]
+    views = processor.sample_views(images, do_augment=False, do_jitter=False, generator=generator)
+    origins = views["view_origins"]
+    assert ((origins[:, 2] - origins[:, 0]) != (origins[:, 3] - origins[:, 1])).any()
+    targets = correspondence_targets(origins, n)
+    half = cell // 2  # pixels of one cell in the half-resolution large view
+    large = views["pixel_values_large"][:, 0]
+    # Large token -> its 2 x 2 cells as four half-resolution quadrants, in (sub-row, sub-col) order.
+    large_quadrants = large.reshape(batch_size, n, 2, half, n, 2, half).permute(0, 1, 4, 2, 5, 3, 6)
+    large_quadrants = large_quadrants.reshape(batch_size, n * n, 4 * half * half)
+    # Small token -> its cell at half resolution, comparable with one quadrant.
+    small = F.avg_pool2d(views["pixel_values_small"][:, :1], 2)[:, 0]
+    small_cells = (
+        small.reshape(batch_size, n, half, n, half).permute(0, 1, 3, 2, 4).reshape(batch_size, n * n, -1)
+    )
+
+    upsampler = AceUpsampler(tiny_vit_config())
+    upsampler.mlp = _Constant(large_quadrants)  # each token "predicts" its own four quadrants
+    sub_tokens = upsampler(torch.zeros(batch_size, n * n, half * half), n)
+    downsampler = AceDownsampler(tiny_vit_config())
+    downsampler.mlp = torch.nn.Identity()
+    pooled = downsampler(small_cells, n)
+
+    decomposition_peaks = targets.decomposition.argmax(-1)
+    composition_peaks = targets.composition.argmax(-1)
+    for b in range(batch_size):
+        for token in range(n * n):
+            if targets.overlap_small[b, token]:
+                match = sub_tokens[b, decomposition_peaks[b, token]]
+                torch.testing.assert_close(match, small_cells[b, token], atol=1e-5, rtol=0)
+            if targets.overlap_large[b, token]:
+                match = pooled[b, composition_peaks[b, token]]
+                torch.testing.assert_close(match, large_quadrants[b, token], atol=1e-5, rtol=0)
