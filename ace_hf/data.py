@@ -173,21 +173,22 @@ class ViewPairCollator:
     do_jitter: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        images, indices, skipped = [], [], []
+        images, indices, skipped, skipped_indices = [], [], [], []
         for example in examples:
             value, index = example[self.image_column], int(example["index"])
             try:
                 images.append(self.processor.to_unit_float(decode_image(value)))
                 indices.append(index)
-            except (OSError, ValueError, SyntaxError) as error:
+            except Exception as error:  # any unreadable file (PIL, pydicom, windowing) is skipped, not fatal
                 skipped.append(f"{example_name(value, index)} ({type(error).__name__}: {error})")
+                skipped_indices.append(index)
         if not images:
             raise ValueError(f"Every image of a batch failed to decode; first: {skipped[0]}")
         good = len(images)
         sample_ids = indices + [-1] * len(skipped)
-        for filler in range(len(skipped)):
+        for filler, index in enumerate(skipped_indices):  # a donor image, seeded by the skipped example
             images.append(images[filler % good])
-            indices.append(indices[filler % good])
+            indices.append(index)
         views = [
             self.processor.sample_views(
                 [image],

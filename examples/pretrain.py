@@ -193,8 +193,8 @@ def stop_if_not_finite(
     accelerator: Accelerator, loss: torch.Tensor, step: int, last_checkpoint: Path | None
 ) -> None:
     """Stop every process together when any of them sees a NaN or infinite loss."""
-    finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="min")
-    if finite.item() < 1:
+    not_finite = accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="max")
+    if not_finite.item() > 0:
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
         raise FloatingPointError(
             f"The loss became {loss.item()} at optimizer step {step}; stopping ({where}). "
@@ -215,14 +215,15 @@ def log_step(
 
 
 def check_replicas_in_sync(accelerator: Accelerator, model: AceForPreTraining) -> None:
-    """Fail loudly if student or teacher weights differ between processes (they must stay bit-identical)."""
+    """Fail loudly if student or teacher weights, or the DINO center, differ between processes."""
+    tensors = [*model.student.parameters(), *model.teacher.parameters(), model.dino_loss.center]
     fingerprints = torch.stack(
         [
             (
-                param.detach().double().flatten()
-                * torch.linspace(1, 2, param.numel(), device=param.device).double()
+                tensor.detach().double().flatten()
+                * torch.linspace(1, 2, tensor.numel(), device=tensor.device)
             ).sum()
-            for param in [*model.student.parameters(), *model.teacher.parameters()]
+            for tensor in tensors
         ]
     )
     gathered = accelerator.gather(fingerprints.unsqueeze(0))

@@ -92,6 +92,15 @@ def test_collator_replaces_bad_images_and_names_them() -> None:
         _collator()([broken])
 
 
+def test_collator_skips_a_corrupt_dicom_and_seeds_the_filler_by_the_skipped_example(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    (tmp_path / "junk.dcm").write_bytes(b"garbage")
+    batch = _collator()([_example(0), {"index": 5, "image": str(tmp_path / "junk.dcm")}])
+    assert "junk.dcm" in batch["skipped"][0] and batch["sample_ids"].tolist() == [0, -1]
+    # The filler reuses image 0 but draws its own views, so the batch holds no duplicate pair.
+    assert not torch.equal(batch["pixel_values_small"][0], batch["pixel_values_small"][1])
+
+
 def test_views_depend_only_on_seed_epoch_and_example() -> None:
     examples = [_example(0), _example(1)]
     first = _collator(seed=3)(examples)

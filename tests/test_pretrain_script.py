@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -256,15 +257,51 @@ def test_streaming_with_tensorboard_and_continuing_from_an_encoder(tmp_path, tin
     assert (second / "model.safetensors").exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchrun(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) under torchrun, the way a multi-GPU job is launched."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *arguments,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+NAN_ON_ONE_RANK = """
+import torch
+from accelerate import Accelerator
+from tests.test_pretrain_script import pretrain
+
+accelerator = Accelerator()
+loss = torch.tensor(float("nan") if accelerator.process_index == 0 else 1.0)
+try:
+    pretrain.stop_if_not_finite(accelerator, loss, step=7, last_checkpoint=None)
+except FloatingPointError as error:
+    print(f"rank {accelerator.process_index} stopped: {error}", flush=True)
+"""
+
+
+def test_a_nan_on_one_process_stops_every_process(tmp_path) -> None:
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    result = _torchrun(str(script), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "rank 0 stopped" in result.stdout and "rank 1 stopped" in result.stdout, result.stdout
+
+
 def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 16)
     output = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731", str(SCRIPT),
+    result = _torchrun(
+        str(SCRIPT),
         *_args(data, tiny_config_dir, output, "--num_train_epochs", "1", "--save_sample_ids"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "identical on all 2 process(es)" in result.stderr + result.stdout
     ids = [json.loads((output / f"sample_ids_rank{rank}.json").read_text()) for rank in range(2)]
