@@ -557,7 +557,10 @@ class AceForPreTraining(AcePreTrainedModel):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA step: teacher = momentum * teacher + (1 - momentum) * student, parameters only."""
+        """EMA step: teacher = momentum * teacher + (1 - momentum) * student, parameters only.
+
+        Keep the weights in float32 (Accelerate's mixed precision does): in bf16 a (1 - 0.996) update rounds away.
+        """
         teacher_params = list(self.teacher.parameters())
         student_params = [param.detach().to(teacher_params[0].dtype) for param in self.student.parameters()]
         torch._foreach_mul_(teacher_params, momentum)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -74,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--min_learning_rate", type=float, default=1e-6)
     train.add_argument("--weight_decay", type=float, default=0.04)
     train.add_argument("--weight_decay_end", type=float, default=0.4)
-    train.add_argument("--max_grad_norm", type=float, default=0.8)
+    train.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=0.8,
+        help="Clip the global gradient norm (DINO's code clips each tensor; the global norm works with fp16 "
+        "scaling, FSDP and DeepSpeed).",
+    )
     train.add_argument("--num_train_epochs", type=int, default=20)
     train.add_argument("--max_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
     train.add_argument("--warmup_epochs", type=float, default=1.0)
@@ -295,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps_per_epoch = max(1, args.max_steps // args.num_train_epochs)
     else:
         batches = len(dataset) // (args.per_device_train_batch_size * accelerator.num_processes)
-        steps_per_epoch = batches // args.gradient_accumulation_steps
+        # Accelerate also steps on an epoch's last, partial accumulation window.
+        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
         if steps_per_epoch == 0:
             raise ValueError(
                 f"The dataset ({len(dataset)} images) is smaller than one global batch ({global_batch})."

@@ -308,3 +308,12 @@ def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir
     assert len(ids[0]) == len(ids[1]) == 8  # 2 steps x batch 4 on each process
     assert not set(ids[0]) & set(ids[1]), "the two processes saw the same examples"
     assert sorted(ids[0] + ids[1]) == list(range(16))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config_dir) -> None:
+    """3 batches with accumulation 2: a full window and Accelerate's final partial one, 2 steps an epoch."""
+    data = _write_images(tmp_path / "data", 12)
+    extra = ("--num_train_epochs", "2", "--gradient_accumulation_steps", "2")
+    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    assert summary["steps"] == summary["total_steps"] == 4
+    assert summary["global_batch_size"] == 8
