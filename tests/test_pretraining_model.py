@@ -21,6 +21,15 @@ def _batch(config, batch_size: int = 4, seed: int = 0) -> dict[str, torch.Tensor
     }
 
 
+def _model_with_distinct_teacher() -> AceForPreTraining:
+    """A pretraining model whose teacher differs from its student, so loads and exports can be told apart."""
+    model = AceForPreTraining(tiny_vit_config())
+    with torch.no_grad():
+        for param in model.teacher.parameters():
+            param.mul_(0.5)
+    return model
+
+
 def _teacher_equals_student(model: AceForPreTraining) -> bool:
     student, teacher = model.student.state_dict(), model.teacher.state_dict()
     return all(torch.equal(student[key], teacher[key]) for key in student)
@@ -104,11 +113,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
 
 
 def test_export_teacher_is_a_standalone_encoder(tmp_path) -> None:
-    config = tiny_vit_config()
-    model = AceForPreTraining(config)
-    with torch.no_grad():
-        for param in model.teacher.parameters():
-            param.mul_(0.5)
+    model = _model_with_distinct_teacher()
     encoder = model.export_teacher().eval()
     assert isinstance(encoder, AceModel)
     teacher_state = model.teacher.ace.state_dict()
@@ -128,11 +133,8 @@ def test_from_encoder_starts_student_and_teacher_from_the_encoder() -> None:
 
 
 def test_full_checkpoint_round_trip_keeps_the_teacher(tmp_path) -> None:
-    config = tiny_vit_config()
-    model = AceForPreTraining(config)
+    model = _model_with_distinct_teacher()
     with torch.no_grad():
-        for param in model.teacher.parameters():
-            param.mul_(0.5)
         model.dino_loss.center.fill_(0.25)
     model.save_pretrained(tmp_path)
     loaded = AceForPreTraining.from_pretrained(tmp_path)
@@ -162,10 +164,7 @@ def test_teacher_is_deterministic_in_training_mode() -> None:
 
 
 def test_loading_a_pretraining_checkpoint_as_encoder_gives_the_teacher(tmp_path) -> None:
-    model = AceForPreTraining(tiny_vit_config())
-    with torch.no_grad():
-        for param in model.teacher.parameters():
-            param.mul_(0.5)
+    model = _model_with_distinct_teacher()
     model.save_pretrained(tmp_path)
     encoder = AceModel.from_pretrained(tmp_path)
     teacher_state = model.teacher.ace.state_dict()
