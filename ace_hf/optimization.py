@@ -50,15 +50,15 @@ class AceSchedules:
     steps_per_epoch: int
     learning_rate: float
     min_learning_rate: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
     teacher_temperature: float = 0.04
     warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: int = 0
-    freeze_last_layer_epochs: int = 1
+    warmup_teacher_temperature_epochs: float = 0
+    freeze_last_layer_epochs: float = 1
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0 or self.steps_per_epoch <= 0:

@@ -210,11 +210,17 @@ def stop_if_not_finite(
 
 
 def log_step(
-    accelerator: Accelerator, progress: tqdm, step: int, running: dict[str, float], extra: dict[str, float]
+    accelerator: Accelerator,
+    progress: tqdm,
+    step: int,
+    running: dict[str, torch.Tensor],
+    micro_batches: int,
+    extra: dict[str, float],
 ) -> dict[str, float]:
-    """Average the loss components since the last log, show and record them; returns what was logged."""
-    count = running.pop("micro_batches")
-    logs = {name: value / count for name, value in running.items()} | extra
+    """Average the loss components since the last log, show and record them; returns what was logged.
+
+    The sums stay on the device between logs, so the loop does not wait for the GPU at every step."""
+    logs = {name: (value / micro_batches).item() for name, value in running.items()} | extra
     progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
     logger.info(f"step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in logs.items()))
     accelerator.log(logs, step=step)
@@ -351,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     last_layer = list(ace.student.global_head.last_layer.parameters())
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}
+    micro_batches = 0
     final_logs: dict[str, float] = {}
     seen_ids: list[int] = []
     last_checkpoint: Path | None = None
@@ -392,8 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for name in LOSS_NAMES:
-                    running[name] = running.get(name, 0.0) + getattr(outputs, name).item()
-                running["micro_batches"] = running.get("micro_batches", 0) + 1
+                    running[name] = running.get(name, 0.0) + getattr(outputs, name).detach()
+                micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
 
@@ -408,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "teacher_momentum": momentum,
                         "epoch": state.epoch,
                     }
-                    final_logs, running = log_step(accelerator, progress, state.step, running, extra), {}
+                    final_logs = log_step(accelerator, progress, state.step, running, micro_batches, extra)
+                    running, micro_batches = {}, 0
                 if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                     last_checkpoint = save_checkpoint(
                         accelerator, output_dir, state.step, args.checkpoints_total_limit
@@ -441,6 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "steps": state.step,
         "total_steps": total_steps,
+        "epochs": round(state.step / steps_per_epoch, 2),
         "interrupted": interrupted,
         "global_batch_size": global_batch,
         "processes": accelerator.num_processes,
