@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .correspondence_ace import view_geometry_problems
+
 # Named presets. "ace-vit-b" and "ace-swin-b" are the published ACE-B models at 448 px; "ace-vit-tiny"
 # is a small ViT that pretrains in minutes on a 2-core CPU (128 px views, 8 x 8 tokens).
 ACE_PRESETS: dict[str, dict[str, Any]] = {
@@ -203,21 +205,14 @@ class AceConfig(PretrainedConfig):
             for stage in range(len(self.depths)):
                 if (side >> stage) % self.window_size:
                     fail("window_size", f"must divide the stage-{stage} grid side {side >> stage}")
-        if self.view_tokens % 2:
-            fail("view_tokens", "must be even (composition pools 2 x 2 small-view tokens)")
+        for field, why in view_geometry_problems(self.grid_size, self.view_tokens, self.min_overlap):
+            fail(field, why)
         if self.view_tokens * self.token_stride != self.image_size:
             fail(
                 "image_size",
                 f"must equal view_tokens * token_stride = {self.view_tokens} * {self.token_stride}"
                 " (one small-view token is one grid cell)",
             )
-        if self.grid_size < 2 * self.view_tokens:
-            fail(
-                "grid_size",
-                f"must be at least 2 * view_tokens = {2 * self.view_tokens} to hold the large view",
-            )
-        if not 0.0 < self.min_overlap <= 1.0:
-            fail("min_overlap", "must be in (0, 1]")
         for field in (
             "student_temperature",
             "teacher_temperature",

@@ -107,6 +107,23 @@ def correspondence_targets(
     )
 
 
+def view_geometry_problems(grid_size: int, view_tokens: int, min_overlap: float) -> list[tuple[str, str]]:
+    """(field, why) for each view setting that cannot produce ACE view pairs.
+
+    Shared by AceConfig and AceImageProcessor validation, so both reject the same settings in the same words.
+    """
+    problems = []
+    if view_tokens % 2:
+        problems.append(("view_tokens", "must be even (composition pools 2 x 2 small-view tokens)"))
+    if grid_size < 2 * view_tokens:
+        problems.append(
+            ("grid_size", f"must be at least 2 * view_tokens = {2 * view_tokens} to hold the large view")
+        )
+    if not 0.0 < min_overlap <= 1.0:
+        problems.append(("min_overlap", "must be in (0, 1]"))
+    return problems
+
+
 def _overlap_fraction(
     large_origin: torch.Tensor, small_origin: torch.Tensor, view_tokens: int
 ) -> torch.Tensor:
@@ -161,4 +178,4 @@ def sample_view_origins(
     return origins
 
 
-__all__ = ["CorrespondenceTargets", "correspondence_targets", "sample_view_origins"]
+__all__ = ["CorrespondenceTargets", "correspondence_targets", "sample_view_origins", "view_geometry_problems"]

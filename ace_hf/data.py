@@ -169,8 +169,6 @@ class ViewPairCollator:
     image_column: str = "image"
     seed: int = 0
     epoch: int = 0
-    do_augment: bool = True
-    do_jitter: bool = True
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         images, indices, skipped, skipped_indices = [], [], [], []
@@ -192,8 +190,6 @@ class ViewPairCollator:
         views = [
             self.processor.sample_views(
                 [image],
-                do_augment=self.do_augment,
-                do_jitter=self.do_jitter,
                 generator=torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index)),
             )
             for image, index in zip(images, indices, strict=True)

@@ -27,7 +27,7 @@ from transformers.processing_utils import ImagesKwargs
 from transformers.utils import is_torchvision_available, is_vision_available
 
 from .configuration_ace import AceConfig
-from .correspondence_ace import sample_view_origins
+from .correspondence_ace import sample_view_origins, view_geometry_problems
 
 if is_vision_available():
     import PIL.Image
@@ -229,18 +229,13 @@ class AceImageProcessor(BaseImageProcessor):
         for field in ("grid_size", "cell_size", "view_tokens", "local_contrast_tiles"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
-        if self.view_tokens % 2:
-            fail("view_tokens", "must be even (composition pools 2 x 2 small-view tokens)")
+        for field, why in view_geometry_problems(self.grid_size, self.view_tokens, self.min_overlap):
+            fail(field, why)
         side = self.view_tokens * self.cell_size
         if self.size["height"] != side or self.size["width"] != side:
             fail(
                 "size",
                 f"must be view_tokens * cell_size = {self.view_tokens} * {self.cell_size} = {side} per side",
-            )
-        if self.grid_size < 2 * self.view_tokens:
-            fail(
-                "grid_size",
-                f"must be at least 2 * view_tokens = {2 * self.view_tokens} to hold the large view",
             )
         for field in ("image_mean", "image_std"):
             value = getattr(self, field)
@@ -248,8 +243,6 @@ class AceImageProcessor(BaseImageProcessor):
                 fail(field, f"needs one value or one per channel (num_channels={self.num_channels})")
         if min(np.atleast_1d(self.image_std)) <= 0:
             fail("image_std", "must be positive")
-        if not 0.0 < self.min_overlap <= 1.0:
-            fail("min_overlap", "must be in (0, 1]")
         for field in ("brightness_contrast_prob", "blur_prob", "sharpen_prob", "local_contrast_prob"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 fail(field, "must be in [0, 1]")
