@@ -204,7 +204,8 @@ def stop_if_not_finite(
     if not_finite.item() > 0:
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
         raise FloatingPointError(
-            f"The loss became {loss.item()} at optimizer step {step}; stopping ({where}). "
+            f"The loss became non-finite at optimizer step {step} on at least one process (this process: "
+            f"{loss.item()}); stopping ({where}). "
             "Lower --learning_rate, or check the data and --mixed_precision."
         )
 
@@ -263,9 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
-            model
-        )  # the dense head's BatchNorm spans processes
+        # The dense head's BatchNorm statistics span all processes.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     processor = AceImageProcessor.from_ace_config(config)
 
     with accelerator.main_process_first():

@@ -214,7 +214,9 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, m
         return result
 
     monkeypatch.setattr(AceForPreTraining, "forward", forward_that_diverges)
-    with pytest.raises(FloatingPointError, match=r"became nan at optimizer step 3.*step_2"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite at optimizer step 3.*this process: nan.*step_2"
+    ):
         pretrain.main(_args(data, tiny_config_dir, output, "--max_steps", "6", "--checkpointing_steps", "2"))
     assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2"]
 
@@ -274,6 +276,9 @@ def _torchrun(*arguments: str, timeout: int = 600) -> subprocess.CompletedProces
 
 
 NAN_ON_ONE_RANK = """
+import sys
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from tests.test_pretrain_script import pretrain
@@ -283,16 +288,21 @@ loss = torch.tensor(float("nan") if accelerator.process_index == 0 else 1.0)
 try:
     pretrain.stop_if_not_finite(accelerator, loss, step=7, last_checkpoint=None)
 except FloatingPointError as error:
-    print(f"rank {accelerator.process_index} stopped: {error}", flush=True)
+    Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(str(error))
+accelerator.end_training()  # destroy the process group: gloo aborts at exit otherwise
 """
 
 
 def test_a_nan_on_one_process_stops_every_process(tmp_path) -> None:
     script = tmp_path / "nan_on_one_rank.py"
     script.write_text(NAN_ON_ONE_RANK)
-    result = _torchrun(str(script), timeout=300)
+    result = _torchrun(str(script), str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "rank 0 stopped" in result.stdout and "rank 1 stopped" in result.stdout, result.stdout
+    for rank in range(2):
+        stopped = tmp_path / f"rank{rank}.txt"
+        assert stopped.exists(), f"process {rank} did not stop\n{result.stderr[-4000:]}"
+        assert "non-finite at optimizer step 7 on at least one process" in stopped.read_text()
+    assert "this process: nan" in (tmp_path / "rank0.txt").read_text()
 
 
 def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir) -> None:
