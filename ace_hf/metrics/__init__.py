@@ -1,0 +1,32 @@
+"""Offline `evaluate` metrics shipped with ace-hf.
+
+`evaluate.load("roc_auc")` fetches the metric script from the Hugging Face Hub, so evaluation breaks on
+machines without network access (clusters, air-gapped hospitals). The scripts in this folder are
+loaded from their file path instead: `evaluate` copies them into its modules cache and never contacts the
+Hub. Each script imports only numpy, datasets and evaluate, because `evaluate` loads it standalone (no
+relative imports).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import evaluate
+
+METRICS_DIR = Path(__file__).resolve().parent
+METRIC_NAMES: tuple[str, ...] = ("accuracy", "balanced_accuracy", "mean_iou", "roc_auc")
+
+__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "metric_path"]
+
+
+def metric_path(name: str) -> Path:
+    """Absolute path of the shipped script for `name` (what `evaluate.load` needs to stay offline)."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"Unknown metric {name!r}; available metrics: {', '.join(METRIC_NAMES)}")
+    return METRICS_DIR / f"{name}.py"
+
+
+def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
+    """Load a shipped metric by name, without network; `kwargs` go to `evaluate.load` (e.g. `config_name`)."""
+    return evaluate.load(str(metric_path(name)), **kwargs)
