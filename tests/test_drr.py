@@ -155,3 +155,137 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
     rebuilt = build_default_dataset(num_images=3, image_size=SIZE, force=True)
     assert len(calls) == 3 and len(rebuilt) == 3
     np.testing.assert_array_equal(np.asarray(rebuilt[2]["image"]), np.asarray(dataset[2]["image"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Landmark geometry and the held-out evaluation renders
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU tensors: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("rotation_deg", "shift_mm", "scale", "source_distance_mm"),
+    [
+        ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 1.0, 300.0),
+        ((6.0, -9.0, 12.0), (8.0, -5.0, 15.0), 1.3, 300.0),
+        ((-10.0, 15.0, -20.0), (-12.0, 10.0, -20.0), 0.9, None),
+    ],
+)
+def test_project_points_hits_the_centre_of_a_rendered_blob(
+    rotation_deg, shift_mm, scale, source_distance_mm
+) -> None:
+    """A small dense cube off the volume centre, rendered by `_project`, lands where `project_points` puts its
+    centre: the centre of mass of its line integrals is within 0.2 px. The strong cone matters: the cube sits
+    31 mm towards the (posterior) source, which moves its image ~2 px against a parallel beam."""
+    spacing, size = (2.0, 2.0, 2.0), 64
+    volume = torch.zeros(64, 64, 64)
+    voxel = (20, 40, 47)
+    volume[tuple(slice(v - 1, v + 2) for v in voxel)] = 1.0
+    step = torch.tensor(spacing)
+    centre_mm = (torch.tensor(voxel) + 0.5) * step - torch.tensor(volume.shape) * step / 2
+    assert centre_mm.tolist() == [-23.0, 17.0, 31.0]
+    pose = {"rotation_deg": rotation_deg, "shift_mm": shift_mm, "scale": scale, "size": size, "fov_mm": 128.0}
+    integral, _ = drr._project(
+        volume, spacing, None, source_distance_mm=source_distance_mm, step_mm=0.5, **pose
+    )
+    rows, cols = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
+    weights = integral / integral.sum()
+    centre_of_mass = torch.stack([(weights * rows).sum(), (weights * cols).sum()])
+    projected = drr.project_points(centre_mm[None], source_distance_mm=source_distance_mm, **pose)
+    assert projected.shape == (1, 2)
+    assert (projected[0] - centre_of_mass).abs().max() < 0.2, (projected, centre_of_mass)
+    assert (
+        weights[0].sum() + weights[-1].sum() + weights[:, 0].sum() + weights[:, -1].sum() == 0
+    )  # all in view
+
+
+def test_centroids_mm_of_a_labelled_volume() -> None:
+    """Mean voxel centre in mm from the volume centre, (SI, RL, AP), for the structures that match the
+    landmark patterns and appear in the volume, in id order."""
+    labels = torch.zeros(4, 6, 5, dtype=torch.uint8)
+    labels[0, 0, 0] = labels[1, 2, 3] = 5  # vertebra: mean voxel (0.5, 1, 1.5)
+    labels[3, 5, 4] = 2  # heart: one voxel
+    labels[2, 2, 2] = 3  # liver: not a landmark
+    ct = drr.ChestCT(
+        attenuation=torch.zeros(4, 6, 5),
+        labels=labels,
+        spacing=(2.5, 1.5, 1.0),
+        structures={2: "heart", 3: "liver", 5: "vertebrae_T5", 7: "rib_left_3"},  # no rib voxels
+    )
+    names, centroids = ct.centroids_mm()
+    assert names == ["heart", "vertebrae_T5"]
+    # (voxel + 0.5) * spacing - shape * spacing / 2, with half extents (5, 4.5, 2.5) mm.
+    expected = torch.tensor(
+        [[3.5 * 2.5 - 5, 5.5 * 1.5 - 4.5, 4.5 - 2.5], [1.0 * 2.5 - 5, 1.5 * 1.5 - 4.5, 2.0 - 2.5]]
+    )
+    torch.testing.assert_close(centroids, expected)
+    assert ct.centroids_mm(("heart",))[0] == ["heart"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_build_heldout_dataset_columns_labels_and_landmarks(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out renders: documented columns and info, landmarks on the structures they name, 0/1 findings,
+    poses drawn from the wider HELDOUT_POSES, and images of their own (not the pretraining renders)."""
+    from ace_hf.findings import FINDINGS
+
+    poses = []
+    sample_render_params = drr.sample_render_params
+
+    def recording(generator, poses_arg=drr.TRAINING_POSES):
+        poses.append(poses_arg)
+        return sample_render_params(generator, poses_arg)
+
+    monkeypatch.setattr(drr, "sample_render_params", recording)
+    anatomy = drr.build_heldout_dataset(3, SIZE, cache_dir=tmp_path)
+    findings = drr.build_heldout_dataset(3, SIZE, with_findings=True, cache_dir=tmp_path)
+    assert poses == [drr.HELDOUT_POSES] * 6
+    ranges = [[*p.rotation_deg, *p.shift_mm, p.scale] for p in (drr.HELDOUT_POSES, drr.TRAINING_POSES)]
+    for wide, narrow in zip(*ranges, strict=True):
+        assert wide[0] < narrow[0] and wide[1] > narrow[1]
+    assert (tmp_path / "chest-drr-heldout-anatomy-v1-n3-s64-seed20251126").is_dir()
+    common = {"image", "anatomy", "structures", "landmarks", *drr.RENDER_FEATURES}
+    assert set(anatomy.column_names) == common
+    assert set(findings.column_names) == common | set(FINDINGS)
+    info = drr.dataset_info(anatomy)
+    assert info["anatomy_labels"] == ["background", *ANATOMY_GROUPS] and info["findings"] == []
+    assert drr.dataset_info(findings)["findings"] == list(FINDINGS)
+    names = info["landmark_names"]
+    assert {"heart", "vertebrae_T5", "clavicula_left", "rib_right_3"} <= set(names)
+
+    ct = load_chest_ct(downsample=2)
+    group_of = ct.group_lookup().numpy()
+    for row in anatomy:
+        structures, groups = np.asarray(row["structures"]), np.asarray(row["anatomy"])
+        assert structures.shape == groups.shape == (SIZE, SIZE)
+        np.testing.assert_array_equal(groups, group_of[structures])
+        assert all(info["structure_names"][value] for value in np.unique(structures) if value)
+        for limits, value in zip(drr.HELDOUT_POSES.rotation_deg, row["rotation_deg"], strict=True):
+            assert limits[0] <= value <= limits[1]
+        landmarks = np.asarray(row["landmarks"])
+        assert landmarks.shape == (len(names), 2)
+        # Compact structures that dominate their ray: the landmark sits on the structure's own pixels.
+        for name in ("heart", "clavicula_left", "scapula_left", "scapula_right"):
+            r, c = np.round(landmarks[names.index(name)]).astype(int)
+            window = structures[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2]
+            assert (window == info["structure_names"].index(name)).any(), (name, r, c)
+    for row in findings:
+        assert {row[name] for name in FINDINGS} <= {0, 1}
+    assert len({tuple(row[name] for name in FINDINGS) for row in findings}) > 1
+
+    pretraining = build_default_dataset(num_images=3, image_size=SIZE, cache_dir=tmp_path)
+    heldout_images = [np.asarray(row["image"]) for row in anatomy]
+    for row in pretraining:
+        assert not any(np.array_equal(np.asarray(row["image"]), image) for image in heldout_images)
+    # Own random streams: even the exposure, drawn from the same range in both, differs image by image.
+    assert all(a["noise"] != b["noise"] for a, b in zip(anatomy, pretraining, strict=True))
