@@ -4,13 +4,21 @@ Importing the package registers the ACE classes with transformers' Auto classes,
 `AutoModel.from_pretrained(folder)` works without `trust_remote_code` when ace_hf is installed.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+)
 
 from .configuration_ace import ACE_PRESETS, AceConfig
 from .correspondence_ace import CorrespondenceTargets, correspondence_targets, sample_view_origins
 from .image_processing_ace import AceImageProcessor
 from .modeling_ace import (
+    AceForImageClassification,
     AceForPreTraining,
+    AceForSemanticSegmentation,
     AceModel,
     AceModelOutput,
     AcePreTrainedModel,
@@ -19,6 +27,8 @@ from .modeling_ace import (
 
 AutoConfig.register("ace", AceConfig, exist_ok=True)
 AutoModel.register(AceConfig, AceModel, exist_ok=True)
+AutoModelForImageClassification.register(AceConfig, AceForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(AceConfig, AceForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(
     AceConfig, image_processor_classes={"torchvision": AceImageProcessor}, exist_ok=True
 )
@@ -28,7 +38,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ACE_PRESETS",
     "AceConfig",
+    "AceForImageClassification",
     "AceForPreTraining",
+    "AceForSemanticSegmentation",
     "AceImageProcessor",
     "AceModel",
     "AceModelOutput",

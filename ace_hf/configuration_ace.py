@@ -66,6 +66,9 @@ class AceConfig(PretrainedConfig):
         decomposition_alpha, composition_alpha: positive-class weights of the soft BCE losses.
         global_loss_weight, local_loss_weight: weights of the two loss terms in the total.
         teacher_momentum, teacher_momentum_end: cosine schedule of the teacher EMA momentum.
+        classifier_pooling: input of `AceForImageClassification`'s head: "mean" (the pooled patch tokens) or
+            "cls_mean" (ViT only: CLS token and pooled patch tokens concatenated).
+        semantic_loss_ignore_index: label value `AceForSemanticSegmentation`'s loss ignores.
     """
 
     model_type = "ace"
@@ -110,6 +113,8 @@ class AceConfig(PretrainedConfig):
         local_loss_weight: float = 1.0,
         teacher_momentum: float = 0.996,
         teacher_momentum_end: float = 1.0,
+        classifier_pooling: str = "mean",
+        semantic_loss_ignore_index: int = 255,
         **kwargs: Any,
     ) -> None:
         self.backbone_type = backbone_type
@@ -150,6 +155,8 @@ class AceConfig(PretrainedConfig):
         self.local_loss_weight = local_loss_weight
         self.teacher_momentum = teacher_momentum
         self.teacher_momentum_end = teacher_momentum_end
+        self.classifier_pooling = classifier_pooling
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
         super().__init__(**kwargs)
         self.validate_ace()
 
@@ -185,6 +192,10 @@ class AceConfig(PretrainedConfig):
         for field in ("image_size", "patch_size", "num_channels", "view_tokens", "grid_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
+        if self.classifier_pooling not in ("mean", "cls_mean"):
+            fail("classifier_pooling", 'must be "mean" or "cls_mean"')
+        if self.classifier_pooling == "cls_mean" and self.backbone_type != "vit":
+            fail("classifier_pooling", '"cls_mean" needs backbone_type="vit" (Swin has no CLS token)')
         if self.image_size % self.patch_size:
             fail("image_size", f"must be a multiple of patch_size={self.patch_size}")
         if self.backbone_type == "vit":

@@ -17,7 +17,11 @@ from transformers import PreTrainedModel, SwinConfig, SwinModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    SemanticSegmenterOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
@@ -42,13 +46,16 @@ class AceModelOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class AcePreTrainingOutput(ModelOutput):
-    """Output of [`AceForPreTraining`]: the total loss and its components (all scalars)."""
+    """Output of [`AceForPreTraining`]: the total loss, its components, and the local branch's matching
+    accuracies (share of matched rows whose most similar column is the target's peak; all scalars)."""
 
     loss: torch.FloatTensor | None = None
     global_loss: torch.FloatTensor | None = None
     local_loss: torch.FloatTensor | None = None
     decomposition_loss: torch.FloatTensor | None = None
     composition_loss: torch.FloatTensor | None = None
+    decomposition_accuracy: torch.FloatTensor | None = None
+    composition_accuracy: torch.FloatTensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,13 +627,13 @@ class AceForPreTraining(AcePreTrainedModel):
             teacher_global_small,
             teacher_temperature,
         )
-        decomposition_loss = self.decomposition_loss(
+        decomposition = self.decomposition_loss(
             teacher_dense_small, self.upsampler(student_dense_large, side), targets.decomposition
         )
-        composition_loss = self.composition_loss(
+        composition = self.composition_loss(
             teacher_dense_large, self.downsampler(student_dense_small, side), targets.composition
         )
-        local_loss = (decomposition_loss + composition_loss) / 2
+        local_loss = (decomposition.loss + composition.loss) / 2
         loss = config.global_loss_weight * global_loss + config.local_loss_weight * local_loss
         if self.training:
             self.dino_loss.update_center(teacher_global)
@@ -635,17 +642,111 @@ class AceForPreTraining(AcePreTrainedModel):
             loss=loss,
             global_loss=global_loss.detach(),
             local_loss=local_loss.detach(),
-            decomposition_loss=decomposition_loss.detach(),
-            composition_loss=composition_loss.detach(),
+            decomposition_loss=decomposition.loss.detach(),
+            composition_loss=composition.loss.detach(),
+            decomposition_accuracy=decomposition.hit_rate,
+            composition_accuracy=composition.hit_rate,
         )
         return_dict = return_dict if return_dict is not None else config.return_dict
         return output if return_dict else output.to_tuple()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Task heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AceForImageClassification(AcePreTrainedModel):
+    """ACE encoder with a linear head on the global embedding (`pooler_output`; with
+    `config.classifier_pooling="cls_mean"`, a ViT's CLS token concatenated to it, as DINOv2's linear probes do).
+
+    `config.problem_type` picks the loss as in transformers: "single_label_classification" (cross-entropy),
+    "multi_label_classification" (BCE on float 0/1 labels) or "regression" (MSE); inferred from the labels
+    when unset.
+    """
+
+    def __init__(self, config: AceConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ace = AceModel(config)
+        use_cls = config.classifier_pooling == "cls_mean"
+        self.classifier = nn.Linear(config.feature_dim * (2 if use_cls else 1), config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        outputs = self.ace(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        features = outputs.pooler_output
+        if self.config.classifier_pooling == "cls_mean":
+            features = torch.cat([outputs.last_hidden_state[:, 0], features], dim=-1)
+        logits = self.classifier(features)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
+class AceForSemanticSegmentation(AcePreTrainedModel):
+    """ACE encoder with a light segmentation head: BatchNorm and a 1 x 1 convolution on the dense embeddings
+    (`patch_embeddings`), i.e. a linear classifier per patch as in DINOv2's linear segmentation probes.
+
+    `logits` are upsampled (bilinear) to the input size, [B, num_labels, H, W]; label pixels equal to
+    `config.semantic_loss_ignore_index` do not count in the loss.
+    """
+
+    def __init__(self, config: AceConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ace = AceModel(config)
+        self.classifier = nn.Sequential(
+            nn.BatchNorm2d(config.feature_dim),
+            nn.Conv2d(config.feature_dim, config.num_labels, kernel_size=1),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        outputs = self.ace(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        logits = self.classifier(outputs.patch_embeddings)
+        logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
 AceModel.register_for_auto_class("AutoModel")
+AceForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+AceForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 __all__ = [
+    "AceForImageClassification",
     "AceForPreTraining",
+    "AceForSemanticSegmentation",
     "AceModel",
     "AceModelOutput",
     "AcePreTrainedModel",
