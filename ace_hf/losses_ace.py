@@ -9,6 +9,7 @@ This file travels to the Hub with the model code: torch only.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,22 @@ def alpha_weighted_bce(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
 
 
+class MatrixMatchingOutput(NamedTuple):
+    """The matching loss and its hit rate: the share of rows that have a match whose most similar column is
+    the target's peak (what the loss teaches, readable where the loss value is not: the best constant
+    prediction already scores a low loss on these sparse targets)."""
+
+    loss: torch.Tensor
+    hit_rate: torch.Tensor
+
+
+def peak_hit_rate(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Share of target rows with a match ([B, T, S], rows of zeros have none) whose argmax is the peak."""
+    has_match = targets.amax(-1) > 0
+    hits = (logits.argmax(-1) == targets.argmax(-1)) & has_match
+    return hits.sum().float() / has_match.sum().clamp(min=1)
+
+
 class MatrixMatchingLoss(nn.Module):
     """ACE's local consistency: token-to-token similarity matrix against a soft correspondence target.
 
@@ -122,14 +139,15 @@ class MatrixMatchingLoss(nn.Module):
 
     def forward(
         self, teacher_tokens: torch.Tensor, student_tokens: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """teacher_tokens [B, T, C], student_tokens [B, S, C], targets [B, T, S] -> scalar loss.
+    ) -> MatrixMatchingOutput:
+        """teacher_tokens [B, T, C], student_tokens [B, S, C], targets [B, T, S] -> scalar loss and hit rate.
 
         No gradient reaches the teacher tokens: the teacher is a moving average, never trained.
         """
         with _autocast_off(student_tokens.device):
             logits = teacher_tokens.detach().float() @ student_tokens.float().transpose(1, 2)
-            return alpha_weighted_bce(logits / self.temperature, targets, self.alpha)
+            loss = alpha_weighted_bce(logits / self.temperature, targets, self.alpha)
+        return MatrixMatchingOutput(loss, peak_hit_rate(logits.detach(), targets))
 
 
-__all__ = ["DinoLoss", "MatrixMatchingLoss", "alpha_weighted_bce"]
+__all__ = ["DinoLoss", "MatrixMatchingLoss", "MatrixMatchingOutput", "alpha_weighted_bce", "peak_hit_rate"]

@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--config_name", help="A config.json (or folder) overriding the preset.")
     model.add_argument(
+        "--config_overrides",
+        help="Config fields to override, e.g. 'local_loss_weight=0,dino_out_dim=1024' (ablations, recipes).",
+    )
+    model.add_argument(
         "--model_name_or_path", help="Continue from a pretrained ACE encoder (folder or Hub id)."
     )
     model.add_argument("--gradient_checkpointing", action="store_true")
@@ -150,12 +154,27 @@ def graceful_stop():
             signal.signal(sig, old)
 
 
-def build_model(args: argparse.Namespace) -> AceForPreTraining:
+def build_config(args: argparse.Namespace) -> AceConfig:
+    """The encoder's config (a continued encoder's, a config file's or a preset's), with --config_overrides."""
     if args.model_name_or_path:
-        return AceForPreTraining.from_encoder(AceModel.from_pretrained(args.model_name_or_path))
-    if args.config_name:
-        return AceForPreTraining(AceConfig.from_pretrained(args.config_name))
-    return AceForPreTraining(AceConfig.from_preset(args.model_preset))
+        config = AceConfig.from_pretrained(args.model_name_or_path)
+    elif args.config_name:
+        config = AceConfig.from_pretrained(args.config_name)
+    else:
+        config = AceConfig.from_preset(args.model_preset)
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+        config.validate_ace()
+    return config
+
+
+def build_model(args: argparse.Namespace) -> AceForPreTraining:
+    config = build_config(args)
+    if args.model_name_or_path:
+        return AceForPreTraining.from_encoder(
+            AceModel.from_pretrained(args.model_name_or_path, config=config)
+        )
+    return AceForPreTraining(config)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -193,7 +212,16 @@ def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-LOSS_NAMES = ("loss", "global_loss", "local_loss", "decomposition_loss", "composition_loss")
+# Averaged between logs: the losses, and the local branch's matching accuracies (what it has learned).
+LOSS_NAMES = (
+    "loss",
+    "global_loss",
+    "local_loss",
+    "decomposition_loss",
+    "composition_loss",
+    "decomposition_accuracy",
+    "composition_accuracy",
+)
 
 
 def stop_if_not_finite(
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": data_description,
         "skipped_images": skipped,
         "wall_time_s": round(time.perf_counter() - start_time, 1),
-        **{f"final_{name}": round(value, 5) for name, value in final_logs.items() if name.endswith("loss")},
+        **{f"final_{name}": round(value, 5) for name, value in final_logs.items() if name in LOSS_NAMES},
     }
     if skipped:
         logger.warning(f"{skipped} unreadable image(s) were skipped; their names are in the warnings above.")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ace_hf.losses_ace import DinoLoss, MatrixMatchingLoss, alpha_weighted_bce
+from ace_hf.losses_ace import DinoLoss, MatrixMatchingLoss, alpha_weighted_bce, peak_hit_rate
 
 LN3 = math.log(3.0)
 
@@ -116,9 +116,11 @@ def test_matrix_matching_scales_the_dot_products():
     targets = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 0.6, 0.0, 0.0]]])
     criterion = MatrixMatchingLoss(temperature=0.5, alpha=0.99)
     expected_logits = torch.tensor([[[2.0, 0.0, -2.0, 0.0], [0.0, 2.0, 0.0, 0.0]]])  # dot products / 0.5
-    loss = criterion(teacher, student, targets)
+    loss, hit_rate = criterion(teacher, student, targets)
     assert loss.dim() == 0
     torch.testing.assert_close(loss, alpha_weighted_bce(expected_logits, targets, alpha=0.99))
+    # Row 0's best column (0) is its peak; row 1's best column (1) is its peak too.
+    assert hit_rate.item() == 1.0
 
 
 def test_matrix_matching_gradient_and_precision():
@@ -126,10 +128,10 @@ def test_matrix_matching_gradient_and_precision():
     student = torch.randn(2, 16, 8, requires_grad=True)
     targets = torch.rand(2, 4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = MatrixMatchingLoss()(teacher, student, targets)
+        loss = MatrixMatchingLoss()(teacher, student, targets).loss
     # The logits matmul escapes autocast: in bfloat16 this loss would be off by about 2e-3 (relative).
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, MatrixMatchingLoss()(teacher, student, targets), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, MatrixMatchingLoss()(teacher, student, targets).loss, rtol=1e-6, atol=0)
     loss.backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
@@ -138,3 +140,10 @@ def test_matrix_matching_gradient_and_precision():
 def test_matrix_matching_rejects_mismatched_targets():
     with pytest.raises(ValueError):
         MatrixMatchingLoss()(torch.randn(1, 4, 8), torch.randn(1, 16, 8), torch.rand(1, 16, 4))
+
+
+def test_peak_hit_rate_counts_rows_with_a_match_only():
+    logits = torch.tensor([[[5.0, 1.0, 0.0], [0.0, 1.0, 3.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    targets = torch.tensor([[[1.0, 0.6, 0.0], [0.0, 1.0, 0.6], [0.0, 0.0, 0.0], [0.0, 0.6, 1.0]]])
+    # Rows 0 and 3 hit their peak, row 1 misses it (argmax 2, peak 1), row 2 has no match: 2 of 3.
+    assert peak_hit_rate(logits, targets).item() == pytest.approx(2 / 3)

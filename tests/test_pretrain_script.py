@@ -101,6 +101,23 @@ def test_run_exports_a_loadable_encoder_with_card_and_summary(tmp_path, tiny_con
         assert torch.equal(exported[key], value), key
 
 
+def test_config_overrides_reach_the_model_and_matching_accuracies_are_logged(
+    tmp_path, tiny_config_dir
+) -> None:
+    """--config_overrides sets config fields (here the global-only ablation); the local branch's matching
+    accuracies are averaged like the losses and land in the summary."""
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    summary = pretrain.main(
+        _args(data, tiny_config_dir, output, "--max_steps", "2", "--config_overrides", "local_loss_weight=0")
+    )
+    assert json.loads((output / "config.json").read_text())["local_loss_weight"] == 0
+    for name in ("final_decomposition_accuracy", "final_composition_accuracy"):
+        assert 0.0 <= summary[name] <= 1.0, name
+    with pytest.raises(ValueError, match="bogus"):
+        pretrain.main(_args(data, tiny_config_dir, tmp_path / "other", "--config_overrides", "bogus=1"))
+
+
 RESUME_ARGS = ("--num_train_epochs", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
 
 
