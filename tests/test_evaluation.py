@@ -1,0 +1,610 @@
+"""The evaluation suite: each metric scores known-good features high and random ones at chance, the ground
+truth it uses is exact, and the suite (and examples/run_evaluation.py) runs end to end on a tiny encoder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ace_hf import AceImageProcessor, AceModel, correspondence_targets, evaluation, sample_view_origins
+from ace_hf.evaluation import (
+    EvaluationConfig,
+    HeldOutData,
+    anatomical_matching,
+    classification_fewshot,
+    evaluate_encoder,
+    landmark_matching,
+    patch_labels,
+    results_markdown,
+    segmentation_fewshot,
+    small_to_large_token,
+    view_correspondence,
+)
+from tests.conftest import tiny_vit_config
+
+ROOT = Path(__file__).resolve().parent.parent
+STRIDE = 8
+LEVELS = 8  # the oracle images carry integer token values v as pixel value v / LEVELS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# patch_labels
+# ------------------------------------------------------------------------------------------------------------
+
+# 5 x 7 map, stride 2: 2 x 3 patches; the last row and column (9) are outside every whole patch.
+HAND_MAP = torch.tensor(
+    [
+        [3, 3, 0, 0, 4, 4, 9],
+        [3, 1, 0, 5, 5, 6, 9],
+        [7, 7, 0, 5, 1, 2, 9],
+        [7, 7, 5, 5, 3, 2, 9],
+        [9, 9, 9, 9, 9, 9, 9],
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("min_fraction", "expected"),
+    [
+        (0.5, [[3, -1, 4], [7, 5, 2]]),
+        (0.6, [[3, -1, -1], [7, 5, -1]]),
+        (0.75, [[3, -1, -1], [7, 5, -1]]),
+        (0.8, [[-1, -1, -1], [7, -1, -1]]),
+    ],
+)
+def test_patch_labels_takes_the_majority_of_each_patch(min_fraction: float, expected: list) -> None:
+    """Majority label if it covers >= min_fraction of the patch, background (0) and partial patches never."""
+    maps = torch.stack([HAND_MAP, torch.full_like(HAND_MAP, 6)])
+    labels = patch_labels(maps, stride=2, min_fraction=min_fraction)
+    assert labels.shape == (2, 2, 3)
+    assert labels[0].tolist() == expected
+    assert labels[1].tolist() == [[6, 6, 6], [6, 6, 6]]
+
+
+def test_patch_labels_matches_a_pixel_loop_on_random_maps() -> None:
+    """Pixel-exact on random non-square maps: patch (r, c) is pixels [r*s, (r+1)*s) x [c*s, (c+1)*s)."""
+    generator = torch.Generator().manual_seed(0)
+    stride = 3
+    # Blocky maps with one random pixel per 2 x 2 changed: most patches have a clear majority.
+    maps = (
+        torch.randint(0, 4, (3, 9, 11), generator=generator).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    )
+    maps = torch.where(torch.rand(maps.shape, generator=generator) < 0.2, 4, maps)[:, :17, :22]
+    labels = patch_labels(maps, stride, min_fraction=0.5)
+    assert labels.shape == (3, 5, 7)
+    checked = 0
+    for n in range(3):
+        for r in range(5):
+            for c in range(7):
+                counts = torch.bincount(maps[n, r * 3 : r * 3 + 3, c * 3 : c * 3 + 3].flatten(), minlength=5)
+                top = counts.max()
+                if (counts == top).sum() > 1:
+                    continue  # a tie: either label is right
+                label = int(counts.argmax())
+                want = label if label > 0 and top >= 0.5 * 9 else -1
+                assert labels[n, r, c] == want, (n, r, c)
+                checked += 1
+    assert checked > 80
+
+
+# ------------------------------------------------------------------------------------------------------------
+# anatomical_matching
+# ------------------------------------------------------------------------------------------------------------
+
+# Patch labels: -1 (none) and structures 1..5 with unequal frequencies, so chance is not 1 / structures.
+LABEL_PROBABILITIES = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.05, 0.05])
+
+
+def random_patch_labels(count: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    draws = torch.multinomial(LABEL_PROBABILITIES, count * side * side, replacement=True, generator=generator)
+    return draws.reshape(count, side, side) - 1
+
+
+def label_features(labels: torch.Tensor, generator: torch.Generator, noise: float = 0.05) -> torch.Tensor:
+    """One-hot of each patch's label (unlabelled patches share a channel) plus small Gaussian noise."""
+    onehot = F.one_hot(labels + 1, 8).permute(0, 3, 1, 2).float()
+    return onehot + noise * torch.randn(onehot.shape, generator=generator)
+
+
+def test_anatomical_matching_scores_label_features_perfectly() -> None:
+    """Features that carry the structure label find the same structure in every other radiograph."""
+    generator = torch.Generator().manual_seed(0)
+    labels = random_patch_labels(6, 10, generator)
+    scores = anatomical_matching(label_features(labels, generator), labels)
+    assert scores["balanced_accuracy"] > 0.95 and scores["accuracy"] > 0.95
+    assert scores["num_structures"] == 5
+
+
+def test_anatomical_matching_scores_random_features_at_chance() -> None:
+    """Random features hit at the returned chance rate, which follows the structures' frequencies.
+
+    With 8 images of 12 x 12 patches there are ~5600 queries, ~270 for the rarest structure: the standard
+    error of the balanced accuracy is ~0.01 (measured over seeds), so 0.05 is a 5-sigma bound. The chance
+    of structure s is its patch frequency p_s, so the returned chance must be mean(p_s) = 0.14, not 1/5.
+    """
+    generator = torch.Generator().manual_seed(1)
+    labels = random_patch_labels(8, 12, generator)
+    scores = anatomical_matching(torch.randn(8, 64, 12, 12, generator=generator), labels)
+    assert scores["chance"] == pytest.approx(float(LABEL_PROBABILITIES[1:].mean()), abs=0.02)
+    assert abs(scores["balanced_accuracy"] - scores["chance"]) < 0.05
+    assert scores["num_queries"] > 5000
+
+
+def test_anatomical_matching_skips_structures_absent_from_the_target() -> None:
+    """A query whose structure is not visible in the other radiograph counts neither as hit nor miss; the
+    counts and the chance rate are checked by hand."""
+    first = torch.full((4, 4), -1)
+    first.view(-1)[:6] = 1  # structure 1 on 6 patches
+    first.view(-1)[6:10] = 2  # structure 2 (absent from the second image) on 4
+    second = torch.full((4, 4), -1)
+    second.view(-1)[-5:] = 1  # structure 1 on 5 patches
+    labels = torch.stack([first, second])
+    scores = anatomical_matching(label_features(labels, torch.Generator().manual_seed(0)), labels)
+    assert scores["num_queries"] == 6 + 5
+    assert scores["num_structures"] == 1
+    assert scores["balanced_accuracy"] == 1.0
+    # 6 queries see 5/16 of the target as structure 1, 5 queries see 6/16.
+    assert scores["chance"] == pytest.approx((6 * 5 / 16 + 5 * 6 / 16) / 11)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# landmark_matching
+# ------------------------------------------------------------------------------------------------------------
+
+
+def positional_features(
+    offsets: torch.Tensor, side: int, periods=(400.0, 200.0, 100.0, 50.0)
+) -> torch.Tensor:
+    """Dense features of `side`-pixel windows at `offsets` (row, col) of one canvas: sin/cos of the canvas
+    coordinates of each token centre. Their cosine similarity peaks where the canvas positions coincide
+    (the longest period exceeds twice every distance), so the right match is known."""
+    count, tokens = len(offsets), side // STRIDE
+    centres = torch.arange(tokens) * STRIDE + (STRIDE - 1) / 2
+    rows, cols = centres[None] + offsets[:, :1], centres[None] + offsets[:, 1:]
+    channels = []
+    for period in periods:
+        for wave in (torch.sin, torch.cos):
+            channels.append(wave(2 * math.pi / period * rows)[:, :, None].expand(count, tokens, tokens))
+            channels.append(wave(2 * math.pi / period * cols)[:, None, :].expand(count, tokens, tokens))
+    return torch.stack(channels, 1)
+
+
+def inside_pairs(landmarks: torch.Tensor, side: int, margin: float) -> list[tuple[int, int, torch.Tensor]]:
+    """(i, j, mask) of the ordered image pairs and the landmarks at least `margin` from both borders."""
+    inside = ((landmarks >= margin) & (landmarks <= side - 1 - margin)).all(-1)
+    return [
+        (i, j, inside[i] & inside[j])
+        for i in range(len(landmarks))
+        for j in range(len(landmarks))
+        if i != j and (inside[i] & inside[j]).any()
+    ]
+
+
+def test_landmark_matching_finds_the_nearest_token_with_positional_features() -> None:
+    """Translated windows of one canvas with a positional code: every landmark lands on the token nearest its
+    true position, so the errors are exactly the distances to the nearest token centres (<= stride / sqrt 2);
+    the position-only reference is the translation between the images."""
+    generator = torch.Generator().manual_seed(0)
+    side = 96
+    offsets = torch.rand(6, 2, generator=generator) * 60
+    canvas_points = torch.rand(40, 2, generator=generator) * 150
+    landmarks = canvas_points[None] - offsets[:, None]
+    scores = landmark_matching(positional_features(offsets, side), landmarks, STRIDE)
+
+    best, position_only = [], []
+    for i, j, both in inside_pairs(landmarks, side, margin=STRIDE):
+        target = landmarks[j][both]
+        nearest = ((target - (STRIDE - 1) / 2) / STRIDE).round().clamp(0, side // STRIDE - 1)
+        best.append((nearest * STRIDE + (STRIDE - 1) / 2 - target).norm(dim=-1))
+        position_only.append((landmarks[i][both] - target).norm(dim=-1))
+    best, position_only = torch.cat(best), torch.cat(position_only)
+    assert scores["num_pairs"] == len(best) > 100
+    assert scores["mean_error_px"] == pytest.approx(float(best.mean()), abs=1e-4)
+    assert scores["median_error_px"] == pytest.approx(float(best.median()), abs=1e-4)
+    assert scores["median_error_px"] <= STRIDE and scores["pck"] == 1.0
+    assert scores["position_only_median_error_px"] == pytest.approx(float(position_only.median()), abs=1e-4)
+
+    random = landmark_matching(torch.randn(6, 32, 12, 12, generator=generator), landmarks, STRIDE)
+    assert random["median_error_px"] > 3 * STRIDE and random["pck"] < 0.2
+
+
+def test_landmark_matching_is_exact_at_token_centres() -> None:
+    """Landmarks on token centres of windows shifted by whole tokens: zero error (a half-pixel slip of the
+    token centres or of the landmark sampling would show)."""
+    generator = torch.Generator().manual_seed(1)
+    offsets = torch.tensor([[0, 0], [8, 16], [24, 8], [16, 32], [40, 40]], dtype=torch.float32)
+    canvas_points = torch.randint(0, 20, (30, 2), generator=generator) * STRIDE + (STRIDE - 1) / 2
+    landmarks = canvas_points[None] - offsets[:, None]
+    scores = landmark_matching(positional_features(offsets, 96), landmarks, STRIDE)
+    assert scores["num_pairs"] > 50
+    assert scores["median_error_px"] == 0.0 and scores["mean_error_px"] < 1e-4 and scores["pck"] == 1.0
+
+
+def test_landmark_matching_skips_landmarks_near_or_beyond_the_border() -> None:
+    """A landmark counts for a pair only if it lies `margin` (default: one stride) inside both images."""
+    landmarks = torch.tensor(
+        [
+            [[30.0, 30.0], [3.0, 30.0], [30.0, 30.0]],  # image 0: landmark 1 within 8 px of the top
+            [[30.0, 30.0], [30.0, 30.0], [30.0, 60.0]],  # image 1: landmark 2 within 8 px of the right
+            [[30.0, 30.0], [30.0, 30.0], [-5.0, 30.0]],  # image 2: landmark 2 outside
+        ]
+    )
+    features = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    # Default margin 8: landmark 0 in all 6 ordered pairs, landmark 1 in images {1, 2} (2 pairs), landmark 2
+    # in image 0 only. Margin 2: landmark 1 everywhere (6), landmark 2 in images {0, 1} (2).
+    assert landmark_matching(features, landmarks, STRIDE)["num_pairs"] == 6 + 2
+    assert landmark_matching(features, landmarks, STRIDE, margin=2)["num_pairs"] == 6 + 6 + 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# view_correspondence
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_small_to_large_token_agrees_with_the_decomposition_targets() -> None:
+    """The truth of view_correspondence is the peak of the decomposition target (the large view's 2n x 2n
+    sub-token grid), divided by 2: for every small-view token inside the large view."""
+    n = 4
+    origins = sample_view_origins(256, 10, n, 0.25, generator=torch.Generator().manual_seed(0))
+    targets = correspondence_targets(origins, n)
+    peak = targets.decomposition.argmax(-1)  # [B, n*n] on the 2n x 2n grid
+    expected = (peak // (2 * n) // 2) * n + (peak % (2 * n)) // 2
+    truth = small_to_large_token(origins, n)
+    assert truth.shape == (256, n * n)
+    assert torch.equal(truth[targets.overlap_small], expected[targets.overlap_small])
+    assert targets.overlap_small.float().mean() < 0.9  # partly overlapping pairs were exercised
+
+
+def test_small_to_large_token_covers_the_small_token_pixels() -> None:
+    """Pixel-exact against the processor's real views: the large-view token named by the truth shows the
+    same image area around the small token (row and column ramps, block means = block centres)."""
+    config = tiny_vit_config()
+    n, cell = config.view_tokens, config.token_stride
+    processor = AceImageProcessor.from_ace_config(config)
+    side = config.grid_size * cell
+    ramp = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+
+    def views(image: torch.Tensor) -> dict:
+        generator = torch.Generator().manual_seed(3)
+        return processor.sample_views([image] * 8, do_augment=False, do_jitter=False, generator=generator)
+
+    centres = []
+    for image in (ramp[None, :, None].expand(1, side, side), ramp[None, None, :].expand(1, side, side)):
+        batch = views(image)
+        large = evaluation._unnormalize(batch["pixel_values_large"], processor)
+        small = evaluation._unnormalize(batch["pixel_values_small"], processor)
+        # Block means in original pixels: large tokens cover 2 x 2 cells (half resolution), small ones 1.
+        centres.append(
+            (
+                F.avg_pool2d(large, cell).flatten(1) * side - 0.5,
+                F.avg_pool2d(small, cell).flatten(1) * side - 0.5,
+            )
+        )
+    origins = batch["view_origins"]
+    truth = small_to_large_token(origins, n)
+    valid = correspondence_targets(origins, n).overlap_small
+    assert valid.sum() > 50
+    for large, small in centres:  # rows, then columns
+        under = large.gather(1, truth.clamp(0, n * n - 1))
+        # A small token's cell is one quadrant of the 2 x 2 cells of its large token: half a cell away.
+        torch.testing.assert_close(
+            (under - small).abs()[valid], torch.full_like(small[valid], cell / 2), atol=1e-3, rtol=0
+        )
+
+
+def test_view_correspondence_is_perfect_for_an_oracle_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting and truth together: each image cell has its own grey level; an oracle embeds a token as the
+    histogram of grey levels under it, so a small token matches exactly the large token over its cell.
+    Jitter is switched off (it resamples and would blur the cells; the geometry holds either way)."""
+    config = tiny_vit_config()
+    cell, side = config.token_stride, config.grid_size * config.token_stride
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.stack([torch.randperm(config.grid_size**2, generator=generator) for _ in range(6)]) + 20
+    images = (levels.reshape(6, 1, config.grid_size, config.grid_size) / 128.0).repeat_interleave(cell, 2)
+    images = images.repeat_interleave(cell, 3)
+    assert images.shape == (6, 1, side, side)
+
+    def oracle_encode(model, pixels: torch.Tensor, batch_size: int = 16, desc=None):
+        histogram = F.one_hot((pixels[:, 0] * 128).round().long(), 128).permute(0, 3, 1, 2).float()
+        return F.avg_pool2d(histogram, cell), None
+
+    sample_views = AceImageProcessor.sample_views
+    monkeypatch.setattr(
+        AceImageProcessor,
+        "sample_views",
+        lambda self, images, **kwargs: sample_views(self, images, **{**kwargs, "do_jitter": False}),
+    )
+    monkeypatch.setattr(evaluation, "encode", oracle_encode)
+    scores = view_correspondence(SimpleNamespace(config=config), images, seed=0, batch_size=4)
+    processor = AceImageProcessor.from_ace_config(config)
+    generator = torch.Generator().manual_seed(0)  # replays the origin draws of view_correspondence
+    expected = 0
+    for start in range(0, len(images), 4):
+        origins = sample_views(
+            processor, list(images[start : start + 4]), do_augment=False, do_jitter=False, generator=generator
+        )["view_origins"]
+        expected += int(correspondence_targets(origins, config.view_tokens).overlap_small.sum())
+    assert scores["num_tokens"] == expected > 0
+    assert scores["accuracy"] == 1.0
+
+
+def test_view_correspondence_of_a_random_encoder_is_a_rate() -> None:
+    """A tiny random AceModel on random images: accuracy in [0, 1], chance 1 / n^2."""
+    config = tiny_vit_config()
+    images = torch.rand(5, 1, 80, 80, generator=torch.Generator().manual_seed(0))
+    scores = view_correspondence(AceModel(config), images, seed=0, batch_size=4)
+    assert 0.0 <= scores["accuracy"] <= 1.0
+    assert scores["chance"] == 1 / config.view_tokens**2
+    assert scores["num_tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Few-shot tasks
+# ------------------------------------------------------------------------------------------------------------
+
+
+class OracleEncoder(torch.nn.Module):
+    """Stands in for AceModel on images whose tokens carry integer values v (pixels v / LEVELS): the dense
+    embedding of a token is the one-hot of v, the global embedding the list of token values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tiny_vit_config()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        processor = AceImageProcessor(num_channels=self.config.num_channels)
+        pixels = pixel_values[:, :1] * processor.image_std + processor.image_mean
+        values = (F.avg_pool2d(pixels, self.config.token_stride)[:, 0] * LEVELS).round().long()
+        width = self.config.feature_dim
+        return SimpleNamespace(
+            patch_embeddings=F.one_hot(values, width).permute(0, 3, 1, 2).float(),
+            pooler_output=F.pad(values.flatten(1).float(), (0, width - values[0].numel())),
+        )
+
+
+def block_maps(count: int, side: int, block: int, labels: int, generator: torch.Generator) -> torch.Tensor:
+    blocks = torch.randint(0, labels, (count, side // block, side // block), generator=generator)
+    return blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)
+
+
+def fewshot_config(**overrides) -> EvaluationConfig:
+    fields = {
+        "num_anatomy_images": 12,
+        "matching_images": 2,
+        "test_fraction": 0.5,
+        "repeats": 2,
+        "probe_steps": 100,
+        "finetune_steps": 0,
+        "batch_size": 8,
+        **overrides,
+    }
+    return EvaluationConfig(**fields)
+
+
+def anatomy_data(images_from: torch.Tensor, anatomy: torch.Tensor) -> HeldOutData:
+    return HeldOutData(
+        images=(images_from[:, None].float() / LEVELS),
+        structures=anatomy,
+        anatomy=anatomy,
+        landmarks=torch.zeros(len(anatomy), 0, 2),
+        findings=None,
+        info={"anatomy_labels": ["background", "a", "b", "c"]},
+    )
+
+
+def findings_data(images_from: torch.Tensor, findings: torch.Tensor) -> HeldOutData:
+    """32 x 32 images whose first token row carries `images_from` (one 0/1 value per token)."""
+    tokens = torch.zeros(len(findings), 4, 4)
+    tokens[:, 0, : images_from.shape[1]] = images_from
+    images = (tokens / LEVELS).repeat_interleave(STRIDE, 1).repeat_interleave(STRIDE, 2)[:, None]
+    return HeldOutData(
+        images=images,
+        structures=torch.zeros(len(findings), 32, 32, dtype=torch.long),
+        anatomy=torch.zeros(len(findings), 32, 32, dtype=torch.long),
+        landmarks=torch.zeros(len(findings), 0, 2),
+        findings=findings,
+        info={"findings": ["nodule", "pleural_effusion", "cardiomegaly"]},
+    )
+
+
+def test_segmentation_fewshot_oracle_scores_high_and_unrelated_features_low() -> None:
+    """Features carrying the label map give a linear probe mIoU near 1 (label blocks of 2 x 2 tokens, so
+    only block edges are blurred by the upsampling); features of an unrelated map stay near chance."""
+    generator = torch.Generator().manual_seed(0)
+    anatomy = block_maps(12, 64, 16, 4, generator)
+    config = fewshot_config(segmentation_shots=[1, 3])
+    oracle = segmentation_fewshot(OracleEncoder(), anatomy_data(anatomy, anatomy), config)
+    assert set(oracle) == {"linear_k1_miou", "linear_k3_miou"}
+    assert min(oracle.values()) > 0.9
+    unrelated = block_maps(12, 64, 16, 4, generator)
+    blind = segmentation_fewshot(OracleEncoder(), anatomy_data(unrelated, anatomy), config)
+    assert max(blind.values()) < 0.35  # chance: ~0.14 for 4 balanced classes
+
+
+def test_classification_fewshot_oracle_scores_high_and_unrelated_features_at_chance() -> None:
+    """A probe on global embeddings that carry the findings gets AUC 1; on unrelated bits ~0.5 (20 test
+    images, 3 findings: the AUC's standard error is ~0.06, so 0.25 is a 4-sigma bound)."""
+    generator = torch.Generator().manual_seed(0)
+    findings = (torch.rand(40, 3, generator=generator) < 0.5).float()
+    config = fewshot_config(classification_shots=[4, 10])
+    oracle = classification_fewshot(OracleEncoder(), findings_data(findings, findings), config)
+    assert set(oracle) == {"linear_k4_auc", "linear_k10_auc"}
+    assert min(oracle.values()) > 0.95
+    unrelated = (torch.rand(40, 3, generator=generator) < 0.5).float()
+    blind = classification_fewshot(OracleEncoder(), findings_data(unrelated, findings), config)
+    assert all(abs(value - 0.5) < 0.25 for value in blind.values()), blind
+
+
+def test_fewshot_tasks_on_a_tiny_encoder_report_every_score_in_range() -> None:
+    """Linear probes and fine-tuning of a tiny random AceModel: one key per (mode, k), values in [0, 1]."""
+    generator = torch.Generator().manual_seed(0)
+    anatomy = block_maps(8, 32, 8, 4, generator)
+    findings = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]] * 2, dtype=torch.float32)
+    data = HeldOutData(
+        images=torch.rand(8, 1, 32, 32, generator=generator),
+        structures=anatomy,
+        anatomy=anatomy,
+        landmarks=torch.zeros(8, 0, 2),
+        findings=findings,
+        info={"anatomy_labels": ["background", "a", "b", "c"], "findings": ["x", "y", "z"]},
+    )
+    config = fewshot_config(
+        num_anatomy_images=8, segmentation_shots=[1, 2], classification_shots=[4], repeats=1,
+        probe_steps=5, finetune_steps=1, finetune_batch_size=2,
+    )  # fmt: skip
+    encoder = AceModel(tiny_vit_config())
+    before = {key: value.clone() for key, value in encoder.state_dict().items()}
+    segmentation = segmentation_fewshot(encoder, data, config)
+    classification = classification_fewshot(encoder, data, config)
+    assert set(segmentation) == {f"{mode}_k{k}_miou" for mode in ("linear", "finetune") for k in (1, 2)}
+    assert set(classification) == {"linear_k4_auc", "finetune_k4_auc"}
+    assert all(0.0 <= value <= 1.0 for value in (*segmentation.values(), *classification.values()))
+    for key, value in encoder.state_dict().items():  # fine-tuning trains a copy
+        assert torch.equal(value, before[key]), key
+
+
+def test_draw_and_fewshot_refuse_impossible_requests() -> None:
+    """_draw gives k distinct indices that `valid` accepts, else ValueError; a finding absent from every
+    training render cannot give a both-class draw; k above the training pool is refused."""
+    generator = torch.Generator().manual_seed(0)
+    chosen = evaluation._draw(10, 4, generator, lambda c: bool((c < 5).all()))
+    assert len(set(chosen.tolist())) == 4 and bool((chosen < 5).all())
+    with pytest.raises(ValueError, match="No draw of 3"):
+        evaluation._draw(10, 3, generator, lambda c: False)
+
+    findings = torch.tensor([[1, 0, 1], [0, 1, 0]] * 4, dtype=torch.float32)
+    findings[4:, 2] = 0  # the training half never shows the third finding
+    config = fewshot_config(classification_shots=[2], repeats=1, probe_steps=1)
+    with pytest.raises(ValueError, match="No draw"):
+        classification_fewshot(OracleEncoder(), findings_data(findings, findings), config)
+    with pytest.raises(ValueError, match="exceeds the 4 training renders"):
+        classification_fewshot(OracleEncoder(), findings_data(findings, findings), fewshot_config(
+            classification_shots=[5], repeats=1, probe_steps=1))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end on rendered held-out radiographs
+# ------------------------------------------------------------------------------------------------------------
+
+# Held-out renders are deterministic (their own seed): with 9 findings renders and test_fraction 0.55, the 5
+# test renders show each finding both present and absent, and so do the 4 training renders (ROC-AUC needs
+# both classes). 4 anatomy renders: 2 for testing, 2 for k = 1, 2.
+E2E_SETTINGS = {
+    "num_anatomy_images": 4,
+    "num_findings_images": 9,
+    "matching_images": 4,
+    "segmentation_shots": [1, 2],
+    "classification_shots": [4],
+    "test_fraction": 0.55,
+    "repeats": 1,
+    "probe_steps": 5,
+    "finetune_steps": 1,
+    "finetune_batch_size": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("heldout")
+
+
+@pytest.fixture(scope="module")
+def e2e_results(cache_dir: Path) -> dict:
+    torch.manual_seed(0)
+    encoder = AceModel(tiny_vit_config())
+    return evaluate_encoder(encoder, EvaluationConfig(**E2E_SETTINGS, cache_dir=str(cache_dir)))
+
+
+def test_evaluate_encoder_reports_every_metric(e2e_results: dict) -> None:
+    """The suite on 80 px renders (10 cells of 8 px): every property and few-shot score, in range."""
+    properties = e2e_results["properties"]
+    anatomical = properties["anatomical_matching"]
+    assert 0.0 <= anatomical["balanced_accuracy"] <= 1.0 and 0.0 < anatomical["chance"] < 1.0
+    assert anatomical["num_structures"] > 5 and anatomical["num_queries"] > 0
+    landmarks = properties["landmark_matching"]
+    assert landmarks["num_pairs"] > 0 and 0.0 <= landmarks["pck"] <= 1.0
+    assert 0.0 <= landmarks["median_error_px"] <= 56 * math.sqrt(2)
+    assert landmarks["position_only_median_error_px"] > 0
+    view = properties["view_correspondence"]
+    assert 0.0 <= view["accuracy"] <= 1.0 and view["chance"] == 1 / 16
+    assert set(e2e_results["segmentation"]) == {
+        f"{mode}_k{k}_miou" for mode in ("linear", "finetune") for k in (1, 2)
+    }
+    assert set(e2e_results["classification"]) == {"linear_k4_auc", "finetune_k4_auc"}
+    for value in (*e2e_results["segmentation"].values(), *e2e_results["classification"].values()):
+        assert 0.0 <= value <= 1.0
+    assert e2e_results["settings"]["render_size"] == 80 and e2e_results["settings"]["crop_size"] == 56
+    json.dumps(e2e_results)  # JSON-serializable
+
+
+def test_results_markdown_has_a_row_per_metric(e2e_results: dict) -> None:
+    """One row per headline metric and few-shot score, one column per encoder, values formatted."""
+    table = results_markdown({"ace": e2e_results, "other": e2e_results})
+    assert table.startswith("| metric | ace | other |\n|---|---|---|\n")
+    rows = [
+        "anatomical matching (bal. acc.)",
+        "landmark error (median px)",
+        "landmark PCK@stride",
+        "view correspondence (acc.)",
+        "segmentation linear k1 (mIoU)",
+        "segmentation finetune k1 (mIoU)",
+        "segmentation linear k2 (mIoU)",
+        "segmentation finetune k2 (mIoU)",
+        "classification linear k4 (AUC)",
+        "classification finetune k4 (AUC)",
+    ]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| metric")]
+    assert [line.split(" | ")[0][2:] for line in lines] == rows
+    accuracy = e2e_results["properties"]["view_correspondence"]["accuracy"]
+    assert f"| view correspondence (acc.) | {accuracy:.3f} | {accuracy:.3f} |" in table
+    assert "Chance: anatomical matching" in table
+
+
+def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_path: Path) -> None:
+    """examples/run_evaluation.py on a saved encoder plus --random_init: results.json and results.md, one
+    column each (the held-out renders come from the shared cache)."""
+    spec = importlib.util.spec_from_file_location(
+        "ace_run_evaluation_script", ROOT / "examples" / "run_evaluation.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+
+    folder = tmp_path / "encoder"
+    AceModel(tiny_vit_config()).save_pretrained(folder)
+    argv = ["--model_name_or_path", str(folder), "--random_init", "--output_dir", str(tmp_path / "out")]
+    argv += ["--cache_dir", str(cache_dir), "--device", "cpu"]
+    for key, value in E2E_SETTINGS.items():
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    results = script.main(argv)
+
+    assert list(results) == [str(folder), "random init"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved) == [str(folder), "random init"]
+    assert set(saved["random init"]["classification"]) == {"linear_k4_auc", "finetune_k4_auc"}
+    assert saved["random init"]["settings"]["num_findings_images"] == 9
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith(f"| metric | {folder} | random init |")
+    assert "| classification finetune k4 (AUC) |" in table
