@@ -1,0 +1,98 @@
+"""The pretraining benchmark runs end to end and reports every section (its numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import bench_pretraining
+from tests.conftest import TINY_HEADS
+
+# The conftest tiny ViT as overrides of the ace-vit-tiny preset: the whole benchmark in seconds on 2 cores.
+TINY_OVERRIDES = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "view_tokens": 4,
+    "grid_size": 10,
+    **TINY_HEADS,
+}
+SECTIONS = ("parameters", "step", "flops", "correspondence", "memory", "views", "inference")
+# Device memory is CUDA-only: on CPU it is None ("n/a" in the table), not a guess. No timm problem: None.
+MAY_BE_NONE = {
+    "memory.static_gib",
+    "memory.step_peak_gib",
+    "memory.checkpointing_step_peak_gib",
+    "inference.timm_problem",
+}
+WITHOUT_TIMM = {"inference.timm_s", "inference.ace_over_timm"}
+
+
+def numbers(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf of nested dicts that is a number or None, with its dotted path."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, f"{path}.{key}" if path else key)
+    elif tree is None or (isinstance(tree, int | float) and not isinstance(tree, bool)):
+        yield path, tree
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: two threads on a CPU shared with other jobs can make these seconds into minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_cpu_run_writes_every_section(tmp_path, capsys) -> None:
+    json_path, md_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--quick", "--device", "cpu", "--presets", "ace-vit-tiny"]
+    argv += ["--output_json", str(json_path), "--output_md", str(md_path)]
+    returned = bench_pretraining.main(argv, config_overrides=TINY_OVERRIDES)
+
+    results = json.loads(json_path.read_text())
+    assert results == json.loads(json.dumps(returned))
+    assert results["machine"]["device"] == "cpu" and results["machine"]["torch"]
+    assert results["matmul_peak"]["flops_per_s"] > 0
+    preset = results["presets"]["ace-vit-tiny"]
+    assert "errors" not in preset
+    for section in SECTIONS:
+        assert preset[section], f"missing section {section}"
+    may_be_none = MAY_BE_NONE | (WITHOUT_TIMM if results["machine"]["timm"] is None else set())
+    for path, value in numbers(preset):
+        if value is None and path in may_be_none:
+            continue
+        assert value is not None and value > 0, f"{path} = {value}"
+    assert preset["memory"]["step_peak_gib"] is None  # CPU: not measured, not invented
+    assert preset["config"]["image_size"] == 32  # the overrides reached the model
+
+    report = md_path.read_text()
+    assert report.startswith("# Pretraining benchmark")
+    assert "python -m benchmarks.bench_pretraining --quick --device cpu" in report
+    assert "| full / ideal |" in report and "n/a" in report
+    assert report in capsys.readouterr().out
+
+
+def test_a_part_out_of_memory_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(bench_pretraining, "benchmark_training", out_of_memory)
+    md_path = tmp_path / "bench.md"
+    argv = ["--quick", "--device", "cpu", "--presets", "ace-vit-tiny", "--output_md", str(md_path)]
+    results = bench_pretraining.main(argv, config_overrides=TINY_OVERRIDES)
+
+    preset = results["presets"]["ace-vit-tiny"]
+    assert preset["errors"] == {"training": "out of memory: CUDA out of memory. Tried to allocate 9.00 GiB"}
+    assert preset["inference"]["ace_s"] > 0 and preset["views"]["workers_needed"] is None
+    assert "| full pretraining step (ms) | out of memory |" in md_path.read_text()
+    assert not bench_pretraining.failed_unexpectedly(results)
