@@ -412,6 +412,25 @@ def _predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> t
     return torch.cat(logits).float()
 
 
+def _finetuned_logits(
+    task: torch.nn.Module,
+    encoder: AceModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    config: EvaluationConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Start a task model's encoder from `encoder`, fine-tune it end to end, and predict the test images."""
+    task.ace.load_state_dict(encoder.state_dict())
+    task.to(encoder.device)
+    _finetune(
+        task, images, labels, config.finetune_steps, config.finetune_learning_rate,
+        config.finetune_batch_size, generator,
+    )  # fmt: skip
+    return _predict(task, test_images, config.batch_size)
+
+
 def segmentation_scores(predictions: torch.Tensor, references: torch.Tensor, num_labels: int) -> float:
     """Mean IoU of label maps [N, H, W] through the project's `mean_iou` metric module."""
     scores = load_metric("mean_iou").compute(
@@ -478,14 +497,10 @@ def segmentation_fewshot(
             if progress is not None:
                 progress.update(1)
             if config.finetune_steps and repeat < config.finetune_repeats:
-                task.ace.load_state_dict(encoder.state_dict())
-                task.to(encoder.device)
-                _finetune(
-                    task, train_images[chosen], train_masks[chosen], config.finetune_steps,
-                    config.finetune_learning_rate, config.finetune_batch_size, generator,
-                )  # fmt: skip
-                predictions = _predict(task, test_images, config.batch_size).argmax(1)
-                finetuned.append(segmentation_scores(predictions, test_masks, num_labels))
+                logits = _finetuned_logits(
+                    task, encoder, train_images[chosen], train_masks[chosen], test_images, config, generator
+                )
+                finetuned.append(segmentation_scores(logits.argmax(1), test_masks, num_labels))
                 if progress is not None:
                     progress.update(1)
         results[f"linear_k{k}_miou"] = float(np.mean(linear))
@@ -536,13 +551,10 @@ def classification_fewshot(
             if progress is not None:
                 progress.update(1)
             if config.finetune_steps and repeat < config.finetune_repeats:
-                task.ace.load_state_dict(encoder.state_dict())
-                task.to(encoder.device)
-                _finetune(
-                    task, train_images[chosen], train_labels[chosen], config.finetune_steps,
-                    config.finetune_learning_rate, config.finetune_batch_size, generator,
-                )  # fmt: skip
-                finetuned.append(roc_auc(_predict(task, test_images, config.batch_size), test_labels))
+                logits = _finetuned_logits(
+                    task, encoder, train_images[chosen], train_labels[chosen], test_images, config, generator
+                )
+                finetuned.append(roc_auc(logits, test_labels))
                 if progress is not None:
                     progress.update(1)
         results[f"linear_k{k}_auc"] = float(np.mean(linear))
