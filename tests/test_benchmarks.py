@@ -35,6 +35,9 @@ MAY_BE_NONE = {
 WITHOUT_TIMM = {"inference.timm_s", "inference.ace_over_timm"}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def numbers(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """Every leaf of nested dicts that is a number or None, with its dotted path."""
     if isinstance(tree, dict):
@@ -42,15 +45,6 @@ def numbers(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from numbers(value, f"{path}.{key}" if path else key)
     elif tree is None or (isinstance(tree, int | float) and not isinstance(tree, bool)):
         yield path, tree
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: two threads on a CPU shared with other jobs can make these seconds into minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quick_cpu_run_writes_every_section(tmp_path, capsys) -> None:

@@ -162,15 +162,6 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU tensors: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     ("rotation_deg", "shift_mm", "scale", "source_distance_mm"),

@@ -30,18 +30,12 @@ from ace_hf.evaluation import (
 )
 from tests.conftest import tiny_vit_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 ROOT = Path(__file__).resolve().parent.parent
 STRIDE = 8
 LEVELS = 8  # the oracle images carry integer token values v as pixel value v / LEVELS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from ace_hf import AceConfig, AceForPreTraining, AceModel, sample_view_origins
+from ace_hf import AceForPreTraining, AceModel
 from ace_hf.optimization import parameter_groups
+from benchmarks.bench_pretraining import synthetic_batch
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
 pytestmark = [
@@ -38,25 +39,12 @@ def bf16_autocast() -> torch.autocast:
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
 
 
-def view_batch(config: AceConfig, batch_size: int = 4) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    shape = (batch_size, config.num_channels, config.image_size, config.image_size)
-    origins = sample_view_origins(
-        batch_size, config.grid_size, config.view_tokens, config.min_overlap, generator
-    )
-    return {
-        "pixel_values_large": torch.randn(shape, generator=generator).to(DEVICE),
-        "pixel_values_small": torch.randn(shape, generator=generator).to(DEVICE),
-        "view_origins": origins.to(DEVICE),
-    }
-
-
 @pytest.mark.parametrize("make_config", CONFIGS)
 def test_bf16_autocast_step_is_finite_and_matches_float32(make_config, true_float32) -> None:
     config = make_config()
     model = AceForPreTraining(config).to(DEVICE).train()
     reference = copy.deepcopy(model)  # same weights, BatchNorm statistics and DINO center
-    batch = view_batch(config)
+    batch = synthetic_batch(config, 4, DEVICE)
 
     float32_loss = reference(**batch).loss.detach()
     with bf16_autocast():
@@ -105,7 +93,7 @@ def test_teacher_ema_stays_float32_and_moves_under_bf16_autocast() -> None:
     model = AceForPreTraining(config).to(DEVICE).train()
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-4)
     with bf16_autocast():
-        loss = model(**view_batch(config)).loss
+        loss = model(**synthetic_batch(config, 4, DEVICE)).loss
     loss.backward()
     optimizer.step()
     before = [param.detach().clone() for param in model.teacher.parameters()]

@@ -18,14 +18,7 @@ from transformers import AutoModelForImageClassification, AutoModelForSemanticSe
 from ace_hf import AceConfig, AceForImageClassification, AceForSemanticSegmentation, AceModel
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(batch: int = 4, height: int = 32, width: int = 32) -> torch.Tensor:
