@@ -44,7 +44,8 @@ SUMMARY = {
 }
 
 # Runs in a new process where ace_hf cannot be imported: only the code inside the exported folder can load.
-CHILD_SCRIPT = r"""
+# The start of every such child script: ace_hf made unimportable, and proven so.
+BLOCK_ACE_HF = r"""
 import json
 import sys
 
@@ -55,7 +56,11 @@ except ImportError:
     pass
 else:
     raise SystemExit("ace_hf is importable in the child process")
+"""
 
+CHILD_SCRIPT = (
+    BLOCK_ACE_HF
+    + r"""
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel, pipeline
@@ -78,6 +83,7 @@ modules = {
 with open(f"{out}/modules.json", "w") as file:
     json.dump(modules, file)
 """
+)
 
 
 @pytest.fixture(scope="module")

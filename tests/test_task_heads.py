@@ -17,6 +17,7 @@ from transformers import AutoModelForImageClassification, AutoModelForSemanticSe
 
 from ace_hf import AceConfig, AceForImageClassification, AceForSemanticSegmentation, AceModel
 from tests.conftest import tiny_swin_config, tiny_vit_config
+from tests.test_hub import BLOCK_ACE_HF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,18 +183,9 @@ def test_auto_classes_resolve_to_the_task_heads() -> None:
 # ------------------------------------------------------------------------------------------------------------
 
 # A new process in which ace_hf cannot be imported: only the code saved next to the weights can load.
-CHILD_SCRIPT = r"""
-import json
-import sys
-
-sys.modules["ace_hf"] = None  # makes every `import ace_hf...` raise ImportError
-try:
-    import ace_hf  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("ace_hf is importable in the child process")
-
+CHILD_SCRIPT = (
+    BLOCK_ACE_HF
+    + r"""
 import numpy as np
 import torch
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
@@ -214,6 +206,7 @@ classes["ace_hf"] = sorted(loaded)
 with open(f"{out}/classes.json", "w") as file:
     json.dump(classes, file)
 """
+)
 
 
 def test_task_models_load_as_remote_code_in_a_process_without_ace_hf(tmp_path: Path) -> None:
