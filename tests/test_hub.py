@@ -43,7 +43,6 @@ SUMMARY = {
     "wall_time_s": 3723.4,
 }
 
-# Runs in a new process where ace_hf cannot be imported: only the code inside the exported folder can load.
 # The start of every such child script: ace_hf made unimportable, and proven so.
 BLOCK_ACE_HF = r"""
 import json
@@ -58,6 +57,7 @@ else:
     raise SystemExit("ace_hf is importable in the child process")
 """
 
+# Runs in a new process where ace_hf cannot be imported: only the code inside the exported folder can load.
 CHILD_SCRIPT = (
     BLOCK_ACE_HF
     + r"""
