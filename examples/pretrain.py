@@ -13,6 +13,7 @@ resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model_name_or_path", help="Continue from a pretrained ACE encoder (folder or Hub id)."
     )
     model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument(
+        "--augmentation_overrides",
+        help="Image processor augmentation fields to override, ranges as low:high, e.g. "
+        "'brightness=0.2,contrast=0.2,sharpness=1.2:1.5' (the official code's albumentations defaults).",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="outputs/ace-pretrain")
     train.add_argument("--per_device_train_batch_size", type=int, default=16)
@@ -171,6 +177,24 @@ def build_config(args: argparse.Namespace) -> AceConfig:
         config.update_from_string(args.config_overrides)
         config.validate_ace()
     return config
+
+
+def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
+    """'a=0.2,b=1:2' -> {"a": 0.2, "b": (1.0, 2.0)}; the processor validates names and values."""
+    overrides: dict[str, float | tuple[float, float]] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            numbers = tuple(float(part) for part in value.split(":"))
+        except ValueError:
+            raise ValueError(f"--augmentation_overrides: {item!r} is not key=number or key=low:high") from None
+        overrides[key.strip()] = numbers[0] if len(numbers) == 1 else numbers
+    unknown = sorted(set(overrides) - set(inspect.signature(AceImageProcessor).parameters) - {"kwargs"})
+    if unknown:
+        raise ValueError(f"--augmentation_overrides: AceImageProcessor has no field(s) {', '.join(unknown)}")
+    return overrides
 
 
 def build_model(args: argparse.Namespace) -> AceForPreTraining:
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # The dense head's BatchNorm statistics span all processes.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    processor = AceImageProcessor.from_ace_config(config)
+    processor = AceImageProcessor.from_ace_config(config, **parse_overrides(args.augmentation_overrides))
 
     with accelerator.main_process_first():
         dataset, data_description = load_pretraining_dataset(

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ace_hf import AceForPreTraining
+from ace_hf import AceForPreTraining, AceImageProcessor
 from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
 
@@ -116,6 +116,24 @@ def test_config_overrides_reach_the_model_and_matching_accuracies_are_logged(
         assert 0.0 <= summary[name] <= 1.0, name
     with pytest.raises(ValueError, match="bogus"):
         pretrain.main(_args(data, tiny_config_dir, tmp_path / "other", "--config_overrides", "bogus=1"))
+
+
+def test_augmentation_overrides_reach_the_exported_processor(tmp_path, tiny_config_dir) -> None:
+    """--augmentation_overrides (the official code's weaker photometric augmentation) are used and exported;
+    a misspelt field or a malformed value is refused before training."""
+    assert pretrain.parse_overrides("brightness=0.2,sharpness=1.2:1.5") == {
+        "brightness": 0.2,
+        "sharpness": (1.2, 1.5),
+    }
+    for bad, message in (("brightnes=0.2", "no field.*brightnes"), ("blur_sigma=a:b", "blur_sigma=a:b")):
+        with pytest.raises(ValueError, match=message):
+            pretrain.parse_overrides(bad)
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    pretrain.main(
+        _args(data, tiny_config_dir, output, "--max_steps", "1", "--augmentation_overrides", "brightness=0.2")
+    )
+    assert AceImageProcessor.from_pretrained(output).brightness == 0.2
 
 
 RESUME_ARGS = ("--num_train_epochs", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
