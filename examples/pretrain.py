@@ -189,7 +189,9 @@ def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
                 raise ValueError
             numbers = tuple(float(part) for part in value.split(":"))
         except ValueError:
-            raise ValueError(f"--augmentation_overrides: {item!r} is not key=number or key=low:high") from None
+            raise ValueError(
+                f"--augmentation_overrides: {item!r} is not key=number or key=low:high"
+            ) from None
         overrides[key.strip()] = numbers[0] if len(numbers) == 1 else numbers
     unknown = sorted(set(overrides) - set(inspect.signature(AceImageProcessor).parameters) - {"kwargs"})
     if unknown:
