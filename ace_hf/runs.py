@@ -1,0 +1,169 @@
+"""Runs that never destroy or mislabel work: output-folder checks, run fingerprints and run segments.
+
+A pretraining run writes its checkpoints and its export into one output folder. These helpers make sure a new
+run does not write over another run's work, that a resume continues the same run (or records what changed),
+and that the training summary describes every segment of a resumed run.
+
+Training-side module: never imported by the files that travel to the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Written into every checkpoint folder: the run's fingerprint, its progress and its segments so far.
+RUN_FILE = "ace_run.json"
+# Files that mark a folder as holding a finished export.
+EXPORT_MARKERS = ("model.safetensors", "config.json", "training_summary.json")
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot take this run (another run's work, not writable, too little disk)."""
+
+
+class RunMismatchError(ValueError):
+    """A checkpoint belongs to another run, or lies past the planned end of this one."""
+
+
+def other_runs_work(output_dir: Path) -> list[str]:
+    """What in `output_dir` belongs to an earlier run: its export files and its checkpoints folder."""
+    held = [name for name in EXPORT_MARKERS if (output_dir / name).exists()]
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        held.append("checkpoints/")
+    return held
+
+
+def check_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, needed_bytes: int) -> None:
+    """Fail with one line before any model or data is loaded when `output_dir` cannot take this run.
+
+    A folder holding another run's export or checkpoints is refused unless the run resumes from it or
+    `overwrite` is set; the folder must be writable and have room for one checkpoint.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"--output_dir {output_dir} is a file, not a folder.")
+    held = other_runs_work(output_dir) if output_dir.is_dir() else []
+    if held and not (resuming or overwrite):
+        raise OutputDirError(
+            f"--output_dir {output_dir} already holds another run's work ({', '.join(held)}): continue it with "
+            "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another folder."
+        )
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise OutputDirError(
+            f"--output_dir {output_dir} is not writable: {error.strerror or error}."
+        ) from None
+    free = shutil.disk_usage(output_dir).free
+    if free < needed_bytes:
+        raise OutputDirError(
+            f"--output_dir {output_dir} has {free / 2**30:.2f} GiB free; one checkpoint needs about "
+            f"{needed_bytes / 2**30:.2f} GiB."
+        )
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """For --overwrite_output_dir: remove the earlier run's checkpoints and export files, so that neither
+    'latest' nor checkpoint rotation can mix them with this run's. Returns what was removed."""
+    removed = other_runs_work(output_dir)
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    for name in EXPORT_MARKERS:
+        (output_dir / name).unlink(missing_ok=True)
+    return removed
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def run_fingerprint(**fields: Any) -> dict[str, Any]:
+    """What makes two segments one run, flattened to dotted names ("config.hidden_size") and JSON values.
+
+    Pass the model config (as a dict), the data description and size, the global batch, the schedule lengths,
+    the optimization settings, the seed and the package version.
+    """
+    return json.loads(json.dumps(_flatten(fields)))
+
+
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Fields whose value differs (or that only one side has), as {field: [saved, current]}."""
+    return {
+        name: [saved.get(name), current.get(name)]
+        for name in sorted(set(saved) | set(current))
+        if saved.get(name) != current.get(name)
+    }
+
+
+def check_resume(
+    record: Mapping[str, Any], fingerprint: Mapping[str, Any], *, total_steps: int, allowed: set[str]
+) -> dict[str, list[Any]]:
+    """Refuse a checkpoint from another run or past `total_steps`; return the allowed changes.
+
+    `allowed` names the fields the user changed on purpose (--allow_run_changes); "all" allows any.
+    """
+    step = record["state"]["step"]
+    if step > total_steps:
+        raise RunMismatchError(
+            f"The checkpoint is at step {step}, past this run's {total_steps} planned steps: raise --max_steps "
+            "or --num_train_epochs (and allow the change with --allow_run_changes total_steps)."
+        )
+    changes = fingerprint_differences(record["fingerprint"], fingerprint)
+    refused = {
+        name: values for name, values in changes.items() if name not in allowed and "all" not in allowed
+    }
+    if refused:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        raise RunMismatchError(
+            f"The checkpoint comes from a different run. Differing fields: {listed}. If the change is "
+            f"deliberate, pass --allow_run_changes {','.join(refused)} (it is recorded in the training summary "
+            "and the model card)."
+        )
+    return changes
+
+
+def write_run_record(folder: Path, record: Mapping[str, Any]) -> None:
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+def read_run_record(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / RUN_FILE
+    if not path.is_file():
+        raise RunMismatchError(
+            f"{checkpoint} has no {RUN_FILE}: it was written by an older ace-hf and cannot be checked against "
+            "this run. Start a new run in another --output_dir."
+        )
+    return json.loads(path.read_text())
+
+
+def close_segment(
+    segments: list[dict[str, Any]], start_step: int, end_step: int, wall_time_s: float, changes: Mapping
+) -> list[dict[str, Any]]:
+    """The run's segments with the current one appended (earlier segments come from the checkpoint)."""
+    segment = {"steps": [start_step, end_step], "wall_time_s": round(wall_time_s, 1)}
+    if changes:
+        segment["changes"] = dict(changes)
+    return [*segments, segment]
+
+
+def normal_file_permissions(folder: Path) -> None:
+    """Give the files of `folder` the mode a new file gets here (0666 less the umask): some writers use 0600,
+    which hides a shared model from colleagues."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

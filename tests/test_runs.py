@@ -1,0 +1,114 @@
+"""ace_hf.runs: output-folder refusal, run fingerprints and their comparison, segments, file modes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ace_hf.runs import (
+    OutputDirError,
+    RunMismatchError,
+    check_output_dir,
+    check_resume,
+    clear_previous_run,
+    close_segment,
+    normal_file_permissions,
+    read_run_record,
+    run_fingerprint,
+    write_run_record,
+)
+
+
+def _finished_run(folder: Path) -> Path:
+    (folder / "checkpoints" / "step_360").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_a_folder_with_another_runs_work_is_refused_unless_resumed_or_overwritten(tmp_path) -> None:
+    run = _finished_run(tmp_path / "run")
+    with pytest.raises(
+        OutputDirError, match=r"model.safetensors, config.json, checkpoints/.*--overwrite_output_dir"
+    ):
+        check_output_dir(run, resuming=False, overwrite=False, needed_bytes=0)
+    check_output_dir(run, resuming=True, overwrite=False, needed_bytes=0)
+    check_output_dir(run, resuming=False, overwrite=True, needed_bytes=0)
+    assert clear_previous_run(run) == ["model.safetensors", "config.json", "checkpoints/"]
+    assert not (run / "checkpoints").exists() and not (run / "model.safetensors").exists()
+    check_output_dir(run, resuming=False, overwrite=False, needed_bytes=0)  # now empty: accepted
+
+
+def test_output_paths_are_checked_with_one_clear_line(tmp_path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(OutputDirError, match="is a file"):
+        check_output_dir(a_file, resuming=False, overwrite=False, needed_bytes=0)
+    with pytest.raises(OutputDirError, match="GiB free"):
+        check_output_dir(tmp_path / "new", resuming=False, overwrite=False, needed_bytes=2**62)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(OutputDirError, match="not writable"):
+            check_output_dir(locked / "out", resuming=False, overwrite=False, needed_bytes=0)
+    with pytest.raises(OutputDirError, match="not writable"):
+        check_output_dir(Path("/proc/forbidden"), resuming=False, overwrite=False, needed_bytes=0)
+
+
+def _record(step: int, **fields) -> dict:
+    return {"state": {"step": step}, "fingerprint": run_fingerprint(**fields), "segments": []}
+
+
+def test_resume_names_every_differing_field_and_accepts_allowed_ones() -> None:
+    fields = {"config": {"hidden_size": 8, "depths": (2, 2)}, "global_batch": 16, "learning_rate": 2e-3}
+    saved = _record(6, **fields)
+    assert check_resume(saved, run_fingerprint(**fields), total_steps=10, allowed=set()) == {}
+    current = run_fingerprint(
+        config={"hidden_size": 16, "depths": (2, 2)}, global_batch=32, learning_rate=2e-3
+    )
+    with pytest.raises(RunMismatchError) as error:
+        check_resume(saved, current, total_steps=10, allowed=set())
+    message = str(error.value)
+    assert "config.hidden_size: 8 -> 16" in message and "global_batch: 16 -> 32" in message
+    assert "learning_rate" not in message and "depths" not in message
+    assert "--allow_run_changes config.hidden_size,global_batch" in message
+    changes = check_resume(saved, current, total_steps=10, allowed={"config.hidden_size", "global_batch"})
+    assert changes == {"config.hidden_size": [8, 16], "global_batch": [16, 32]}
+    assert check_resume(saved, current, total_steps=10, allowed={"all"}) == changes
+
+
+def test_a_checkpoint_past_the_planned_end_is_refused() -> None:
+    saved = _record(360, total_steps=360)
+    with pytest.raises(RunMismatchError, match="step 360, past this run's 6 planned steps"):
+        check_resume(saved, run_fingerprint(total_steps=6), total_steps=6, allowed={"all"})
+
+
+def test_run_records_round_trip_and_old_checkpoints_are_named(tmp_path) -> None:
+    record = _record(4, seed=0)
+    write_run_record(tmp_path, record)
+    assert read_run_record(tmp_path) == record
+    with pytest.raises(RunMismatchError, match="no ace_run.json.*older ace-hf"):
+        read_run_record(tmp_path / "missing")
+
+
+def test_segments_accumulate_with_their_changes() -> None:
+    segments = close_segment([], 0, 6, 12.34, {})
+    segments = close_segment(segments, 6, 10, 5.0, {"learning_rate": [1e-3, 2e-3]})
+    assert segments == [
+        {"steps": [0, 6], "wall_time_s": 12.3},
+        {"steps": [6, 10], "wall_time_s": 5.0, "changes": {"learning_rate": [1e-3, 2e-3]}},
+    ]
+
+
+def test_exported_files_get_the_umask_mode(tmp_path) -> None:
+    private = tmp_path / "model.safetensors"
+    private.write_bytes(b"x")
+    private.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        normal_file_permissions(tmp_path)
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o777 == 0o644
