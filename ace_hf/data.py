@@ -68,8 +68,13 @@ def decode_image(value: Any) -> PIL.Image.Image | np.ndarray:
         return value
     if path is not None and is_dicom(path):
         return read_dicom(data if data is not None else path)
-    image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
-    image.load()
+    try:
+        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{path or 'image bytes'}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
+        ) from None
     return image
 
 
@@ -169,6 +174,18 @@ class ViewPairCollator:
     image_column: str = "image"
     seed: int = 0
     epoch: int = 0
+    warned_small: bool = False
+
+    def _warn_if_small(self, image: torch.Tensor, name: str) -> None:
+        """Images below the jitter grid are upsampled (views then hold less detail than the model sees):
+        say so once per run (once per data-loader worker)."""
+        side = self.processor.grid_size * self.processor.cell_size
+        if not self.warned_small and min(image.shape[-2:]) < side:
+            self.warned_small = True
+            logger.warning(
+                f"{name} is {image.shape[-1]} x {image.shape[-2]} px, smaller than the {side} x {side} px grid "
+                "the views are cut from: such images are upsampled (this warning is shown once)."
+            )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         images, indices, skipped, skipped_indices = [], [], [], []
@@ -177,6 +194,7 @@ class ViewPairCollator:
             try:
                 images.append(self.processor.to_unit_float(decode_image(value)))
                 indices.append(index)
+                self._warn_if_small(images[-1], example_name(value, index))
             except Exception as error:  # any unreadable file (PIL, pydicom, windowing) is skipped, not fatal
                 skipped.append(f"{example_name(value, index)} ({type(error).__name__}: {error})")
                 skipped_indices.append(index)

@@ -131,3 +131,31 @@ def test_dataset_errors_name_the_problem(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="--image_column 'pixels' is not a column"):
         load_pretraining_dataset(train_dir=str(tmp_path), image_column="pixels")
+
+
+def test_a_decompression_bomb_is_a_clear_error_naming_the_file(monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL refuses images over twice the limit
+    bomb = {"index": 1, "image": {"bytes": _png_bytes(np.zeros((100, 100), np.uint8)), "path": "bomb.png"}}
+    with pytest.raises(ValueError, match=r"bomb\.png: .*decompression bomb.*MAX_IMAGE_PIXELS"):
+        decode_image(bomb["image"])
+    with pytest.warns(Image.DecompressionBombWarning):  # 60 x 60 is only over the warning limit
+        batch = _collator()([_example(0), bomb])
+    assert "bomb.png" in batch["skipped"][0]  # in training it is skipped and counted like any bad file
+
+
+def test_images_smaller_than_the_grid_are_upsampled_with_one_warning(caplog) -> None:
+    collator = _collator()
+    side = collator.processor.grid_size * collator.processor.cell_size
+    small = np.random.default_rng(0).integers(0, 255, (side // 2, side // 2), dtype=np.uint8)
+    examples = [
+        {"index": i, "image": {"bytes": _png_bytes(small), "path": f"small{i}.png"}} for i in range(2)
+    ]
+    with caplog.at_level("WARNING", logger="ace_hf.data"):
+        large = np.zeros((side, side + 8), np.uint8)
+        collator([{"index": 5, "image": {"bytes": _png_bytes(large), "path": "large.png"}}])  # no warning
+        assert not caplog.records
+        for _ in range(2):
+            batch = collator(examples)
+    assert batch["pixel_values_large"].shape[0] == 2 and batch["skipped"] == []
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and f"small0.png is {side // 2} x {side // 2} px" in warnings[0]
