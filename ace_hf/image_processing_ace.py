@@ -4,7 +4,9 @@ Medical images come as 8- or 16-bit grayscale, floats, RGB screenshots, ... The 
 (`PIL ... convert("RGB")`) clips 16-bit X-rays at 255, so everything here goes through `to_unit_float`, which
 windows by dtype into [0, 1] first and then produces the model's channel count.
 
-`sample_views` cuts ACE's grid-aligned large / small view pair (see correspondence_ace) for pretraining.
+Inference (`__call__` / `preprocess`) windows, fits the image to `size` by `resize_mode` and normalizes; it
+applies no augmentation. `sample_views` cuts ACE's grid-aligned large / small view pair (see
+correspondence_ace) for pretraining, with its own geometry and augmentation (the `pretraining` settings).
 
 This file travels to the Hub as remote code: it imports only the standard library, torch, numpy and
 transformers; PIL and torchvision come only inside transformers' availability checks.
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import is_pil_image
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import is_torchvision_available, is_vision_available
+from transformers.utils import is_torchvision_available, is_vision_available, logging
 
 from .configuration_ace import AceConfig
 from .correspondence_ace import sample_view_origins, view_geometry_problems
@@ -36,14 +38,49 @@ if is_vision_available():
 if is_torchvision_available():
     from torchvision.transforms.v2 import functional as tvF
 
+logger = logging.get_logger(__name__)
+
 # ITU-R 601-2 luma weights, the same as PIL's convert("L").
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+# Value of the border added by resize_mode="pad", in [0, 1] before normalization: black, the value of air and
+# of the letterbox borders X-ray datasets already have (after normalization it is -image_mean / image_std).
+PAD_VALUE = 0.0
+
+# resize_mode="resize" warns when the image's aspect ratio is off the target's by more than this fraction.
+SQUASH_TOLERANCE = 0.05
+
+# Settings used only by `sample_views` (ACE pretraining), with their defaults; saved under "pretraining".
+PRETRAINING_DEFAULTS: dict[str, Any] = {
+    "grid_size": 32,
+    "cell_size": 32,
+    "view_tokens": 14,
+    "min_overlap": 0.5,
+    "jitter_scale": (0.85, 1.0),
+    "jitter_ratio": (3 / 4, 4 / 3),
+    "brightness_contrast_prob": 0.5,
+    "blur_prob": 0.5,
+    "sharpen_prob": 0.3,
+    "local_contrast_prob": 0.3,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "blur_sigma": (0.1, 2.0),
+    "sharpness": (1.5, 3.0),
+    "local_contrast_tiles": 8,
+    "local_contrast_clip": 2.0,
+}
+PAIR_SETTINGS = ("jitter_scale", "jitter_ratio", "blur_sigma", "sharpness")
+PRETRAINING_ABOUT = (
+    "Used only by sample_views (ACE pretraining): view geometry and augmentation. Inference (__call__ / "
+    "preprocess) applies no augmentation: it windows, fits the image to `size` by `resize_mode`, normalizes."
+)
 
 
 class AceImageProcessorKwargs(ImagesKwargs, total=False):
     """Keys that `from_pretrained(..., key=value)` routes through `__init__` (the base class only knows ImagesKwargs)."""
 
     num_channels: int
+    resize_mode: str
     grid_size: int
     cell_size: int
     view_tokens: int
@@ -140,15 +177,93 @@ def equalize_local_contrast(
     return torch.lerp(top, bottom, weight_y).reshape(batch, channels, height, width)
 
 
+def resize_unit(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic antialiased resize of [C, H, W] in [0, 1], clamped (bicubic overshoots); same size is kept."""
+    if pixels.shape[-2:] == (height, width):
+        return pixels
+    resized = F.interpolate(
+        pixels[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False
+    )
+    return resized[0].clamp(0, 1)
+
+
+def resize_and_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale so the image covers height x width (aspect ratio kept), then cut the center out."""
+    image_height, image_width = pixels.shape[-2:]
+    scale = max(height / image_height, width / image_width)
+    resized = resize_unit(
+        pixels, max(height, round(image_height * scale)), max(width, round(image_width * scale))
+    )
+    top, left = (resized.shape[-2] - height) // 2, (resized.shape[-1] - width) // 2
+    return resized[:, top : top + height, left : left + width]
+
+
+def resize_and_pad(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale so the image fits inside height x width (aspect ratio kept), then pad it centered with PAD_VALUE."""
+    image_height, image_width = pixels.shape[-2:]
+    scale = min(height / image_height, width / image_width)
+    resized = resize_unit(
+        pixels,
+        min(height, max(1, round(image_height * scale))),
+        min(width, max(1, round(image_width * scale))),
+    )
+    pad_height, pad_width = height - resized.shape[-2], width - resized.shape[-1]
+    borders = (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2)
+    return F.pad(resized, borders, value=PAD_VALUE)
+
+
+# resize_mode -> how one [C, H, W] image in [0, 1] is fitted to the inference size.
+RESIZERS = {"resize": resize_unit, "shortest_edge_crop": resize_and_crop, "pad": resize_and_pad}
+
+
+def checked_size(size: Any, stride: int) -> dict[str, int]:
+    """An inference size (int = square, or {"height", "width"}) as a dict; ValueError naming `size` otherwise."""
+    as_dict = (
+        {"height": size, "width": size} if isinstance(size, int) and not isinstance(size, bool) else size
+    )
+    if (
+        not isinstance(as_dict, dict)
+        or set(as_dict) != {"height", "width"}
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in as_dict.values())
+    ):
+        raise ValueError(
+            f"AceImageProcessor.size={size!r}: must be a positive int or {{'height': int, 'width': int}}"
+        )
+    if as_dict["height"] % stride or as_dict["width"] % stride:
+        raise ValueError(
+            f"AceImageProcessor.size={size!r}: height and width must be multiples of the model's token stride "
+            f"cell_size={stride}"
+        )
+    return dict(as_dict)
+
+
+def checked_resize_mode(resize_mode: Any) -> str:
+    """The resize mode itself; ValueError naming `resize_mode` and the choices otherwise."""
+    if not isinstance(resize_mode, str) or resize_mode not in RESIZERS:
+        raise ValueError(f"AceImageProcessor.resize_mode={resize_mode!r}: must be one of {sorted(RESIZERS)}")
+    return resize_mode
+
+
 class AceImageProcessor(BaseImageProcessor):
     r"""Image processor of ACE encoders: robust windowing, resize and normalize; and ACE's two-view cropping.
 
-    Args:
-        size: model input `{"height", "width"}` in pixels (an int means square).
+    Inference settings (`__call__` / `preprocess`, which apply no augmentation):
+        size: model input `{"height", "width"}` in pixels (an int means square); each side a multiple of the
+            token stride `cell_size`. It is free of the pretraining geometry: ViT interpolates its position
+            embeddings to any such size; Swin (transformers' SwinModel) pads to its windows but needs every side
+            above `window_size * cell_size` (224 px for ace-swin-b): at or below it, transformers clamps the
+            windows and drops the shift on the model's layers, and that sticks for all later calls.
+            Defaults to the view side `view_tokens * cell_size` (448 for ACE-B); override per call with `size=`.
+        resize_mode: how an image meets `size`: "resize" (stretch, the default; warns once when that squashes
+            the aspect ratio), "shortest_edge_crop" (scale to cover, center crop) or "pad" (scale to fit,
+            centered, borders black: 0 in [0, 1] before normalization, see PAD_VALUE).
         num_channels: channels of the output (1 or 3); grayscale is repeated, RGB goes to luminance.
         image_mean, image_std: normalization, a scalar or one value per channel (ChestX-ray14 statistics).
+
+    Pretraining settings (used only by `sample_views`; saved under "pretraining" in preprocessor_config.json,
+    given flat here or nested as `pretraining={...}`, flat winning; left out = PRETRAINING_DEFAULTS):
         grid_size: cells per side of the jittered image that the two views are cut from.
-        cell_size: pixels per cell side (= the model's token stride); `view_tokens * cell_size` must equal size.
+        cell_size: pixels per cell side (= the model's token stride); views are `view_tokens * cell_size` px.
         view_tokens: n, token grid side of one view; the large view covers 2n x 2n cells, the small n x n.
         min_overlap: least fraction of the small view's cells that lie inside the large view.
         jitter_scale, jitter_ratio: area fraction and aspect ratio range of the random-resized-crop jitter.
@@ -167,52 +282,54 @@ class AceImageProcessor(BaseImageProcessor):
     def __init__(
         self,
         size: dict[str, int] | int | None = None,
+        resize_mode: str = "resize",
         num_channels: int = 3,
         image_mean: float | Sequence[float] = 0.5056,
         image_std: float | Sequence[float] = 0.252,
-        grid_size: int = 32,
-        cell_size: int = 32,
-        view_tokens: int = 14,
-        min_overlap: float = 0.5,
-        jitter_scale: Sequence[float] = (0.85, 1.0),
-        jitter_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        brightness_contrast_prob: float = 0.5,
-        blur_prob: float = 0.5,
-        sharpen_prob: float = 0.3,
-        local_contrast_prob: float = 0.3,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        blur_sigma: Sequence[float] = (0.1, 2.0),
-        sharpness: Sequence[float] = (1.5, 3.0),
-        local_contrast_tiles: int = 8,
-        local_contrast_clip: float = 2.0,
+        grid_size: int | None = None,
+        cell_size: int | None = None,
+        view_tokens: int | None = None,
+        min_overlap: float | None = None,
+        jitter_scale: Sequence[float] | None = None,
+        jitter_ratio: Sequence[float] | None = None,
+        brightness_contrast_prob: float | None = None,
+        blur_prob: float | None = None,
+        sharpen_prob: float | None = None,
+        local_contrast_prob: float | None = None,
+        brightness: float | None = None,
+        contrast: float | None = None,
+        blur_sigma: Sequence[float] | None = None,
+        sharpness: Sequence[float] | None = None,
+        local_contrast_tiles: int | None = None,
+        local_contrast_clip: float | None = None,
+        pretraining: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        # The pretraining keywords given here (None = not given), read before any other local exists.
+        flat = {
+            key: value for key, value in locals().items() if key in PRETRAINING_DEFAULTS and value is not None
+        }
         super().__init__(**kwargs)
-        size = 448 if size is None else size
-        self.size = {"height": size, "width": size} if isinstance(size, int) else dict(size)
+        for key, value in {**PRETRAINING_DEFAULTS, **self._saved_pretraining(pretraining), **flat}.items():
+            setattr(self, key, tuple(value) if key in PAIR_SETTINGS else value)
+        self.size = size if size is not None else self.view_tokens * self.cell_size
+        self.resize_mode = resize_mode
         self.num_channels = num_channels
         self.image_mean = (
             image_mean if isinstance(image_mean, int | float) else [float(v) for v in image_mean]
         )
         self.image_std = image_std if isinstance(image_std, int | float) else [float(v) for v in image_std]
-        self.grid_size = grid_size
-        self.cell_size = cell_size
-        self.view_tokens = view_tokens
-        self.min_overlap = min_overlap
-        self.jitter_scale = tuple(jitter_scale)
-        self.jitter_ratio = tuple(jitter_ratio)
-        self.brightness_contrast_prob = brightness_contrast_prob
-        self.blur_prob = blur_prob
-        self.sharpen_prob = sharpen_prob
-        self.local_contrast_prob = local_contrast_prob
-        self.brightness = brightness
-        self.contrast = contrast
-        self.blur_sigma = tuple(blur_sigma)
-        self.sharpness = tuple(sharpness)
-        self.local_contrast_tiles = local_contrast_tiles
-        self.local_contrast_clip = local_contrast_clip
+        self._warned_squash = False
         self._validate()
+
+    @staticmethod
+    def _saved_pretraining(pretraining: dict[str, Any] | None) -> dict[str, Any]:
+        """The nested "pretraining" settings of a saved config, without its "about" note; unknown keys raise."""
+        settings = {key: value for key, value in (pretraining or {}).items() if key != "about"}
+        unknown = sorted(set(settings) - set(PRETRAINING_DEFAULTS))
+        if unknown:
+            raise ValueError(f"AceImageProcessor.pretraining: unknown setting(s) {', '.join(unknown)}")
+        return settings
 
     def _validate(self) -> None:
         """Raise a ValueError naming the field when the settings cannot produce model inputs or views."""
@@ -220,23 +337,15 @@ class AceImageProcessor(BaseImageProcessor):
         def fail(field: str, why: str) -> None:
             raise ValueError(f"AceImageProcessor.{field}={getattr(self, field)!r}: {why}")
 
-        if set(self.size) != {"height", "width"} or not all(
-            isinstance(v, int) and v > 0 for v in self.size.values()
-        ):
-            fail("size", 'must be {"height": int, "width": int} with positive sides')
         if self.num_channels not in (1, 3):
             fail("num_channels", "must be 1 or 3")
         for field in ("grid_size", "cell_size", "view_tokens", "local_contrast_tiles"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
+        self.size = checked_size(self.size, self.cell_size)
+        checked_resize_mode(self.resize_mode)
         for field, why in view_geometry_problems(self.grid_size, self.view_tokens, self.min_overlap):
             fail(field, why)
-        side = self.view_tokens * self.cell_size
-        if self.size["height"] != side or self.size["width"] != side:
-            fail(
-                "size",
-                f"must be view_tokens * cell_size = {self.view_tokens} * {self.cell_size} = {side} per side",
-            )
         for field in ("image_mean", "image_std"):
             value = getattr(self, field)
             if isinstance(value, list) and len(value) != self.num_channels:
@@ -263,7 +372,7 @@ class AceImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_ace_config(cls, config: AceConfig, **overrides: Any) -> AceImageProcessor:
-        """Build the processor matching an AceConfig's input size, cell grid and channels."""
+        """Build the processor matching an AceConfig's cell grid and channels; inference size = the view side."""
         settings = {
             "size": {"height": config.image_size, "width": config.image_size},
             "num_channels": config.num_channels,
@@ -273,6 +382,14 @@ class AceImageProcessor(BaseImageProcessor):
             "min_overlap": config.min_overlap,
         }
         return cls(**{**settings, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Inference settings at the top level, pretraining ones nested under "pretraining" with a note."""
+        output = super().to_dict()
+        output.pop("_warned_squash", None)
+        pretraining = {key: output.pop(key) for key in PRETRAINING_DEFAULTS}
+        output["pretraining"] = {"about": PRETRAINING_ABOUT, **pretraining}
+        return output
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -374,15 +491,44 @@ class AceImageProcessor(BaseImageProcessor):
 
     # ----------------------------------------------------------------------------------------- inference
 
-    def preprocess(self, images: Any, return_tensors: str | None = "pt") -> BatchFeature:
-        """Window, resize (bicubic, antialiased) and normalize images: `pixel_values` [B, num_channels, H, W].
+    def preprocess(
+        self,
+        images: Any,
+        return_tensors: str | None = "pt",
+        *,
+        size: dict[str, int] | int | None = None,
+        resize_mode: str | None = None,
+    ) -> BatchFeature:
+        """Window, fit to the size (bicubic, antialiased) and normalize images: `pixel_values` [B, C, H, W].
 
-        `images` is one image or a list of them (any kind `to_unit_float` accepts, sizes may differ).
+        `images` is one image or a list of them (any kind `to_unit_float` accepts, sizes may differ). `size` and
+        `resize_mode` override the processor's own for this call (the pipeline passes `image_processor_kwargs`
+        here). No augmentation is applied.
         """
-        height, width = self.size["height"], self.size["width"]
-        pixels = [self._resize(self.to_unit_float(image), height, width) for image in self._as_list(images)]
+        size = checked_size(self.size if size is None else size, self.cell_size)
+        fit = RESIZERS[checked_resize_mode(self.resize_mode if resize_mode is None else resize_mode)]
+        pixels = []
+        for image in self._as_list(images):
+            unit = self.to_unit_float(image)
+            if fit is resize_unit:
+                self._warn_if_squashed(unit.shape[-2:], size)
+            pixels.append(fit(unit, size["height"], size["width"]))
         return BatchFeature(
             {"pixel_values": self._normalize(torch.stack(pixels))}, tensor_type=return_tensors
+        )
+
+    def _warn_if_squashed(self, image_size: Sequence[int], size: dict[str, int]) -> None:
+        """Warn once per processor when a plain resize distorts the aspect ratio (anatomy gets squashed)."""
+        image_ratio = image_size[1] / image_size[0]
+        target_ratio = size["width"] / size["height"]
+        if self._warned_squash or abs(math.log(image_ratio / target_ratio)) <= math.log1p(SQUASH_TOLERANCE):
+            return
+        self._warned_squash = True
+        logger.warning(
+            f"AceImageProcessor: resize_mode='resize' squashes a {image_size[0]}x{image_size[1]} image (aspect "
+            f"ratio {image_ratio:.2f}) to {size['height']}x{size['width']} ({target_ratio:.2f}). To keep the "
+            "aspect ratio pass resize_mode='shortest_edge_crop' (center crop) or 'pad' (black borders), or a "
+            "size of the image's aspect ratio. Warned once per processor."
         )
 
     @staticmethod
@@ -391,16 +537,6 @@ class AceImageProcessor(BaseImageProcessor):
         if not images:
             raise ValueError("No images given")
         return images
-
-    @staticmethod
-    def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Bicubic antialiased resize of [C, H, W] in [0, 1], clamped (bicubic overshoots); same size is kept."""
-        if pixels.shape[-2:] == (height, width):
-            return pixels
-        resized = F.interpolate(
-            pixels[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False
-        )
-        return resized[0].clamp(0, 1)
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
@@ -442,7 +578,7 @@ class AceImageProcessor(BaseImageProcessor):
                     pixels, *box, [side, side], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True
                 ).clamp(0, 1)
             else:
-                pixels = self._resize(pixels, side, side)
+                pixels = resize_unit(pixels, side, side)
             large.append(pixels[:, row1 * cell : (row1 + 2 * n) * cell, col1 * cell : (col1 + 2 * n) * cell])
             small.append(pixels[:, row2 * cell : (row2 + n) * cell, col2 * cell : (col2 + n) * cell])
         views = {
@@ -486,7 +622,16 @@ class AceImageProcessor(BaseImageProcessor):
         return views
 
 
-__all__ = ["AceImageProcessor", "equalize_local_contrast", "random_resized_crop_box"]
+__all__ = [
+    "PAD_VALUE",
+    "RESIZERS",
+    "AceImageProcessor",
+    "equalize_local_contrast",
+    "random_resized_crop_box",
+    "resize_and_crop",
+    "resize_and_pad",
+    "resize_unit",
+]
 
 
 AceImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -1,6 +1,11 @@
 """Extract ACE embeddings for an image file or a folder of images: a global vector and a patch map per image.
 
     python examples/extract_features.py --model_name_or_path org/ace-vit-b --input xrays/ --output features/
+    python examples/extract_features.py ... --size 512x640 --resize_mode pad   # another input size
+
+--size (N or HxW, multiples of the model's token stride) and --resize_mode ("resize" stretches, "pad" keeps the
+aspect ratio with black borders, "shortest_edge_crop" keeps it by center cropping) override the processor's own;
+the patch map's h x w is the size divided by the stride.
 
 Outputs, for an image `<relative name>` (its path under --input, extension included):
 - npy: `<relative name>.global.npy` [C] and `<relative name>.patch.npy` [C, h, w], mirroring the input folders;
@@ -19,6 +24,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +41,16 @@ logger = logging.getLogger("extract_features")
 SKIPPED_NAMES_SHOWN = 5
 
 
+def parse_size(text: str) -> int | dict[str, int]:
+    """'512' -> 512 (square), '512x640' -> {"height": 512, "width": 640}; the processor checks the stride."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or HxW with positive integers")
+    if len(parts) == 1:
+        return int(parts[0])
+    return {"height": int(parts[0]), "width": int(parts[1])}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,6 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="folder for the features")
     parser.add_argument("--format", choices=("npy", "safetensors"), default="npy")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--size", type=parse_size, help="model input size, N or HxW pixels (default: the processor's own)"
+    )
+    parser.add_argument(
+        "--resize_mode",
+        choices=("resize", "shortest_edge_crop", "pad"),
+        help="how images meet the size (default: the processor's own, normally resize)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--trust_remote_code",
@@ -65,6 +89,12 @@ def find_images(input_path: Path) -> list[Path]:
     return [input_path] if input_path.is_file() else list_image_files(input_path)
 
 
+def processor_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The processor settings given on the command line (left-out ones keep the saved values)."""
+    given = {"size": args.size, "resize_mode": args.resize_mode}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def load_pixels(processor: BaseImageProcessor, path: Path) -> torch.Tensor:
     """One image as model input [num_channels, H, W]; DICOM is read with its LUTs applied, the rest by the
     processor's own windowing (8-bit, 16-bit and float images by bit depth)."""
@@ -82,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model = model.to(args.device).eval()
+    # Overrides go through the processor's __init__, so a bad size fails here, not as a skip of every file.
     processor = AutoImageProcessor.from_pretrained(
-        args.model_name_or_path, trust_remote_code=args.trust_remote_code
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code, **processor_overrides(args)
     )
 
     paths = find_images(args.input)

@@ -104,3 +104,53 @@ def test_safetensors_features_and_index_match_the_model(model_dir, image_dir, ex
         np.testing.assert_allclose(features[f"{name}.global"], global_embedding, atol=1e-5)
         np.testing.assert_allclose(features[f"{name}.patch"], patch_map, atol=1e-5)
     assert_skip_reported(caplog)
+
+
+def test_size_and_resize_mode_reach_the_processor(model_dir, image_dir, tmp_path, caplog):
+    argv = ["--size", "48x64", "--resize_mode", "pad", "--format", "npy", "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        status = load_script().main(
+            [
+                "--model_name_or_path",
+                str(model_dir),
+                "--input",
+                str(image_dir),
+                "--output",
+                str(tmp_path),
+                *argv,
+            ]
+        )
+    assert status == 0
+    model = AceModel.from_pretrained(model_dir).eval()
+    processor = AceImageProcessor.from_pretrained(model_dir)
+    for name in IMAGES:
+        inputs = processor(image_dir / name, size={"height": 48, "width": 64}, resize_mode="pad")
+        with torch.no_grad():
+            expected = model(**inputs).patch_embeddings[0].numpy()
+        saved = np.load(tmp_path / f"{name}.patch.npy")
+        assert saved.shape == (32, 6, 8)  # 48 x 64 px at stride 8
+        np.testing.assert_allclose(saved, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("text", "size"), [("40", 40), ("48x64", {"height": 48, "width": 64})])
+def test_size_argument_forms(text: str, size, model_dir, image_dir, tmp_path) -> None:
+    base = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
+    script = load_script()
+    args = script.parse_args([*base, "--size", text])
+    assert args.size == size and script.processor_overrides(args) == {"size": size}
+    assert script.processor_overrides(script.parse_args(base)) == {}
+
+
+@pytest.mark.parametrize(
+    "argv", [["--size", "0"], ["--size", "4x"], ["--size", "big"], ["--resize_mode", "fit"]]
+)
+def test_bad_size_or_mode_arguments_are_refused(argv, model_dir, image_dir, tmp_path) -> None:
+    base = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        load_script().parse_args([*base, *argv])
+
+
+def test_size_off_the_stride_fails_before_reading_images(model_dir, image_dir, tmp_path) -> None:
+    argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"AceImageProcessor\.size=.*multiples of the model's token stride"):
+        load_script().main([*argv, "--size", "50", "--device", "cpu"])

@@ -1,8 +1,11 @@
-"""AceImageProcessor inference path: input kinds, windowing, channels, config round trip, errors, remote-code imports."""
+"""AceImageProcessor inference path: input kinds, windowing, channels, inference size and resize modes, saved
+settings (old flat exports included), errors, remote-code imports."""
 
 from __future__ import annotations
 
 import ast
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -10,10 +13,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, pipeline
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from ace_hf import AceConfig, AceImageProcessor
-from ace_hf.image_processing_ace import LUMA_WEIGHTS
+from ace_hf import AceConfig, AceImageProcessor, AceModel
+from ace_hf.image_processing_ace import LUMA_WEIGHTS, PAD_VALUE, PRETRAINING_DEFAULTS
 
 SIDE = 16  # model input side of the tiny processor: view_tokens 4 x cell_size 4
 TINY = {"size": SIDE, "cell_size": 4, "view_tokens": 4, "grid_size": 10}
@@ -204,9 +209,12 @@ def test_from_ace_config() -> None:
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"size": 20}, "size"),
+        ({"size": 18}, "size"),  # not a multiple of the stride cell_size=4
+        ({"size": 0}, "size"),
+        ({"size": {"height": 16}}, "size"),
+        ({"size": {"height": 16, "width": 20.0}}, "size"),
         ({"cell_size": 5}, "size"),
-        ({"size": {"height": 16, "width": 20}}, "size"),
+        ({"resize_mode": "stretch"}, "resize_mode"),
         ({"grid_size": 7}, "grid_size"),
         ({"view_tokens": 3, "cell_size": 4, "size": 12}, "view_tokens"),
         ({"num_channels": 2}, "num_channels"),
@@ -280,3 +288,180 @@ def test_module_imports_only_what_remote_code_allows() -> None:
     assert set(get_relative_imports(path)) <= {"configuration_ace", "correspondence_ace"}
     tree = ast.parse(Path(path).read_text())
     assert all(node.level <= 1 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
+
+
+# ----------------------------------------------------------------------------------------- inference size
+
+
+def test_per_call_size_and_mode_give_that_size() -> None:
+    processor = tiny()
+    images = [np.random.rand(30, 17), torch.rand(3, 50, 40)]
+    for size, shape in [(24, (24, 24)), ({"height": 8, "width": 32}, (8, 32))]:
+        for mode in ("resize", "shortest_edge_crop", "pad"):
+            pixel_values = processor(images, size=size, resize_mode=mode, return_tensors="pt")["pixel_values"]
+            assert pixel_values.shape == (2, 3, *shape), (size, mode)
+    assert processor.size == {"height": SIDE, "width": SIDE} and processor.resize_mode == "resize"
+
+
+def test_inference_size_is_free_of_the_view_geometry(tmp_path: Path) -> None:
+    processor = tiny(size={"height": 64, "width": 48}, resize_mode="pad")
+    assert processor(np.random.rand(20, 20))["pixel_values"].shape == (1, 3, 64, 48)
+    views = processor.sample_views([np.random.rand(40, 40)] * 2, generator=torch.Generator().manual_seed(0))
+    view_side = TINY["view_tokens"] * TINY["cell_size"]
+    assert (
+        views["pixel_values_small"].shape[-2:] == views["pixel_values_large"].shape[-2:] == (view_side,) * 2
+    )
+    tiny().save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, size=512, resize_mode="shortest_edge_crop")
+    assert isinstance(loaded, AceImageProcessor) and loaded.size == {"height": 512, "width": 512}
+    assert (loaded.resize_mode, loaded.view_tokens, loaded.cell_size) == ("shortest_edge_crop", 4, 4)
+
+
+def test_pipeline_image_processor_kwargs_size_sets_the_token_grid(tmp_path: Path) -> None:
+    config = AceConfig.from_preset("ace-vit-tiny", num_hidden_layers=1, hidden_size=48, num_attention_heads=1)
+    AceModel(config).save_pretrained(tmp_path)
+    AceImageProcessor.from_ace_config(config).save_pretrained(tmp_path)
+    extractor = pipeline(
+        "image-feature-extraction",
+        model=AceModel.from_pretrained(tmp_path),
+        image_processor=AutoImageProcessor.from_pretrained(tmp_path),
+        image_processor_kwargs={"size": {"height": 64, "width": 96}, "resize_mode": "pad"},
+    )
+    image = PIL.Image.fromarray((gradient(40, 70) * 255).astype(np.uint8))
+    tokens = extractor(image, return_tensors=True)
+    assert tokens.shape == (1, 1 + (64 // 16) * (96 // 16), 48)  # CLS + 4 x 6 patch tokens
+    assert extractor(image, return_tensors=True, pool=True).shape == (1, 48)
+    square = extractor(image, return_tensors=True, image_processor_kwargs={"size": 32})
+    assert square.shape == (1, 1 + 2 * 2, 48)
+
+
+def square_on_background(height: int, width: int, side: int) -> np.ndarray:
+    """Gray float image with a white `side` x `side` square in its center."""
+    image = np.full((height, width), 0.25)
+    top, left = (height - side) // 2, (width - side) // 2
+    image[top : top + side, left : left + side] = 1.0
+    return image
+
+
+def unit_output(processor: AceImageProcessor, image: np.ndarray, **kwargs) -> torch.Tensor:
+    """First channel of the processor's output, back in [0, 1] (mean 0, std 1 keep the values)."""
+    return processor(image, **kwargs)["pixel_values"][0, 0]
+
+
+def test_resize_mode_resize_stretches_to_the_size() -> None:
+    processor = tiny(image_mean=0.0, image_std=1.0)
+    image = gradient(30, 50)
+    stretched = F.interpolate(
+        torch.from_numpy(image).float()[None, None], size=(SIDE, SIDE), mode="bicubic", antialias=True
+    )[0, 0].clamp(0, 1)
+    torch.testing.assert_close(unit_output(processor, image), stretched)
+
+
+def test_shortest_edge_crop_keeps_the_center() -> None:
+    processor = tiny(image_mean=0.0, image_std=1.0)
+    image = gradient(16, 40)  # shortest edge already 16: the crop is an exact slice
+    expected = torch.from_numpy(image[:, 12:28]).float()
+    torch.testing.assert_close(unit_output(processor, image, resize_mode="shortest_edge_crop"), expected)
+    # Downscaled by 2 first: a centered square stays a centered square, the center pixel stays white.
+    cropped = unit_output(processor, square_on_background(32, 96, 16), resize_mode="shortest_edge_crop")
+    assert abs(cropped[SIDE // 2, SIDE // 2] - 1.0) < 1e-5
+    rows, cols = torch.nonzero(cropped > 0.6, as_tuple=True)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (4, 11, 4, 11)
+
+
+def test_pad_mode_keeps_a_square_square_with_black_borders() -> None:
+    processor = tiny(size=32, image_mean=0.5, image_std=0.25)
+    padded = processor(square_on_background(64, 128, 32), resize_mode="pad")["pixel_values"][0, 0]
+    black = (PAD_VALUE - 0.5) / 0.25
+    assert torch.all(padded[:8] == black) and torch.all(padded[24:] == black)  # 64x128 -> 16x32, centered
+    assert not torch.any(padded[8:24] == black)
+    rows, cols = torch.nonzero(padded > (0.6 - 0.5) / 0.25, as_tuple=True)
+    assert (rows.max() - rows.min(), cols.max() - cols.min()) == (7, 7)  # 32 x 32 square -> 8 x 8 square
+    assert (rows.min(), cols.min()) == (12, 12)
+
+
+def test_squash_warning_fires_once_per_processor(caplog: pytest.LogCaptureFixture) -> None:
+    def squash_warnings() -> int:
+        return sum("squashes" in record.getMessage() for record in caplog.records)
+
+    processor = tiny()
+    with caplog.at_level(logging.WARNING):
+        processor([np.random.rand(16, 16), np.random.rand(40, 41)])  # within 5 %: no warning
+        processor(np.random.rand(30, 17), resize_mode="pad")
+        assert squash_warnings() == 0
+        processor([np.random.rand(30, 17), np.random.rand(10, 40)])
+        processor(np.random.rand(30, 17))
+        assert squash_warnings() == 1
+        assert "resize_mode='shortest_edge_crop'" in caplog.text and "'pad'" in caplog.text
+        tiny()(np.random.rand(30, 17))
+        assert squash_warnings() == 2
+    assert "_warned_squash" not in processor.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"resize_mode": "letterbox"}, "resize_mode"),
+        ({"size": 10}, "size"),
+        ({"size": -16}, "size"),
+        ({"size": {"height": 16, "width": 0}}, "size"),
+        ({"size": {"shortest_edge": 16}}, "size"),
+        ({"size": 16.0}, "size"),
+    ],
+)
+def test_bad_per_call_size_or_mode_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"AceImageProcessor\.{field}=") as error:
+        tiny()(np.random.rand(8, 8), **kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------- saved settings
+
+
+def test_saved_json_keeps_pretraining_apart(tmp_path: Path) -> None:
+    tiny(resize_mode="pad", blur_prob=0.1).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert {"size", "resize_mode", "num_channels", "image_mean", "image_std", "pretraining"} <= set(saved)
+    assert not set(saved) & set(PRETRAINING_DEFAULTS)
+    pretraining = saved["pretraining"]
+    assert set(pretraining) == {"about", *PRETRAINING_DEFAULTS}
+    assert "no augmentation" in pretraining["about"]
+    assert (pretraining["blur_prob"], pretraining["view_tokens"], saved["resize_mode"]) == (0.1, 4, "pad")
+
+
+def test_old_flat_export_still_loads(tmp_path: Path) -> None:
+    flat = {
+        "image_processor_type": "AceImageProcessor",
+        "size": {"height": 24, "width": 24},
+        "num_channels": 1,
+        "image_mean": 0.5,
+        "image_std": 0.25,
+        "grid_size": 13,
+        "cell_size": 6,
+        "view_tokens": 4,
+        "min_overlap": 0.25,
+        "jitter_scale": [0.5, 0.9],
+        "blur_sigma": [0.5, 1.0],
+        "brightness": 0.2,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(flat))
+    loaded = AceImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.size, loaded.resize_mode, loaded.num_channels) == (
+        {"height": 24, "width": 24},
+        "resize",
+        1,
+    )
+    assert (loaded.grid_size, loaded.cell_size, loaded.view_tokens, loaded.min_overlap) == (13, 6, 4, 0.25)
+    assert (loaded.jitter_scale, loaded.blur_sigma, loaded.brightness) == ((0.5, 0.9), (0.5, 1.0), 0.2)
+    assert loaded.contrast == PRETRAINING_DEFAULTS["contrast"]
+    assert AceImageProcessor.from_pretrained(tmp_path, size=48).size == {"height": 48, "width": 48}
+    assert loaded.to_dict()["pretraining"]["grid_size"] == 13
+
+
+def test_flat_pretraining_settings_win_over_nested_ones() -> None:
+    nested = {"about": "ignored", "grid_size": 12, "blur_prob": 0.9}
+    processor = tiny(pretraining=nested, blur_prob=0.1)
+    assert (processor.grid_size, processor.blur_prob) == (10, 0.1)  # TINY passes grid_size=10 flat
+    assert AceImageProcessor(pretraining=nested, cell_size=4, view_tokens=4).grid_size == 12
+    with pytest.raises(ValueError, match=r"AceImageProcessor\.pretraining: unknown setting\(s\) blur"):
+        tiny(pretraining={"blur": 0.5})
