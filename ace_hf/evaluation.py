@@ -450,7 +450,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     )
 
 
-def _draw(
+def draw(
     pool: int, k: int, generator: torch.Generator, valid: Callable[[torch.Tensor], bool] | None = None
 ) -> torch.Tensor:
     """k random indices of a pool of training images (redrawn until `valid` accepts them, at most 100 times)."""
@@ -481,7 +481,7 @@ def segmentation_fewshot(
         linear, finetuned = [], []
         for repeat in range(config.repeats):
             generator = torch.Generator().manual_seed(config.seed * 1000 + 10 * k + repeat)
-            chosen = _draw(len(train_images), k, generator)
+            chosen = draw(len(train_images), k, generator)
             torch.manual_seed(config.seed + repeat)
             task = AceForSemanticSegmentation(_task_config(encoder.config, num_labels=num_labels))
             head = task.classifier
@@ -534,7 +534,7 @@ def classification_fewshot(
         linear, finetuned = [], []
         for repeat in range(config.repeats):
             generator = torch.Generator().manual_seed(config.seed * 1000 + 10 * k + repeat + 500)
-            chosen = _draw(len(train_images), k, generator, both_classes)
+            chosen = draw(len(train_images), k, generator, both_classes)
             torch.manual_seed(config.seed + repeat)
             task = AceForImageClassification(
                 _task_config(
@@ -685,6 +685,7 @@ __all__ = [
     "EvaluationConfig",
     "anatomical_matching",
     "classification_fewshot",
+    "draw",
     "evaluate_encoder",
     "landmark_matching",
     "patch_labels",

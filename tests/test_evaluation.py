@@ -480,13 +480,13 @@ def test_fewshot_tasks_on_a_tiny_encoder_report_every_score_in_range() -> None:
 
 
 def test_draw_and_fewshot_refuse_impossible_requests() -> None:
-    """_draw gives k distinct indices that `valid` accepts, else ValueError; a finding absent from every
+    """draw gives k distinct indices that `valid` accepts, else ValueError; a finding absent from every
     training render cannot give a both-class draw; k above the training pool is refused."""
     generator = torch.Generator().manual_seed(0)
-    chosen = evaluation._draw(10, 4, generator, lambda c: bool((c < 5).all()))
+    chosen = evaluation.draw(10, 4, generator, lambda c: bool((c < 5).all()))
     assert len(set(chosen.tolist())) == 4 and bool((chosen < 5).all())
     with pytest.raises(ValueError, match="No draw of 3"):
-        evaluation._draw(10, 3, generator, lambda c: False)
+        evaluation.draw(10, 3, generator, lambda c: False)
 
     findings = torch.tensor([[1, 0, 1], [0, 1, 0]] * 4, dtype=torch.float32)
     findings[4:, 2] = 0  # the training half never shows the third finding

@@ -1,0 +1,279 @@
+"""examples/finetune.py end to end on a tiny encoder and a handful of synthetic PNGs written to tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+from ace_hf import AceConfig, AceImageProcessor, AceModel
+from tests.test_hub import FakeHfApi
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "finetune.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("ace_finetune_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_script()
+
+SIZE = 32  # pixels per side of the synthetic images (the tiny encoder's input is 32 px too)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread) -> None:
+    """Every test here runs on one intra-op thread (the CI machine's cores are shared)."""
+
+
+@pytest.fixture
+def encoder_dir(tmp_path: Path) -> Path:
+    """A tiny ACE encoder and its image processor, saved as a pretraining run exports them."""
+    config = AceConfig.from_preset(
+        "ace-vit-tiny",
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        view_tokens=4,
+        grid_size=10,
+        drop_path_rate=0.0,
+    )
+    folder = tmp_path / "encoder"
+    AceModel(config).save_pretrained(folder)
+    AceImageProcessor.from_ace_config(config).save_pretrained(folder)
+    return folder
+
+
+def _save(path: Path, brightness: float, rng: np.random.Generator) -> Path:
+    """A grayscale PNG of the given mean brightness (0-255) with a little noise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.clip(brightness + 15 * rng.standard_normal((SIZE, SIZE)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _image_folder(root: Path, per_class: int) -> Path:
+    """Two class folders whose images differ only in brightness: trivially learnable."""
+    rng = np.random.default_rng(0)
+    for name, brightness in (("bright", 200), ("dark", 50)):
+        for index in range(per_class):
+            _save(root / name / f"{index}.png", brightness, rng)
+    return root
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _run(encoder_dir: Path, output_dir: Path, *extra: str) -> dict:
+    return finetune.main(
+        [
+            "--model_name_or_path", str(encoder_dir),
+            "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "4",
+            "--learning_rate", "3e-3",
+            "--num_train_epochs", "2",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_classification_from_an_image_folder_learns_and_saves_a_loadable_model(tmp_path, encoder_dir) -> None:
+    data = _image_folder(tmp_path / "data", per_class=10)
+    output = tmp_path / "out"
+    results = _run(encoder_dir, output, "--train_dir", str(data), "--num_train_epochs", "3")
+
+    assert results["train_samples"] == 16 and results["eval_samples"] == 4  # 20 % held out, stratified
+    assert results["train_samples_per_class"] == {"bright": 8, "dark": 8}
+    assert results["accuracy"] >= 0.75 and results["balanced_accuracy"] >= 0.75
+    assert 0.0 <= results["roc_auc"] <= 1.0  # two classes: binary ROC-AUC too
+    saved = json.loads((output / "eval_results.json").read_text())
+    assert saved["epoch"] == results["epoch"] and saved["accuracy"] == results["accuracy"]
+    model = AutoModelForImageClassification.from_pretrained(output)
+    assert model.config.id2label == {0: "bright", 1: "dark"}
+    assert model.config.problem_type == "single_label_classification"
+    assert (output / "preprocessor_config.json").is_file() and (output / "README.md").is_file()
+
+
+def test_multi_label_from_a_csv_skips_and_counts_an_unreadable_image(tmp_path, encoder_dir) -> None:
+    rng = np.random.default_rng(1)
+    images = tmp_path / "csv" / "images"
+    rows = []
+    for index in range(10):
+        effusion, nodule = index % 2, (index // 2) % 2
+        _save(images / f"{index}.png", 50 + 150 * effusion, rng)
+        rows.append({"path": f"images/{index}.png", "effusion": effusion, "nodule": nodule})
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows.append({"path": "images/broken.png", "effusion": 1, "nodule": 1})
+    train_csv = _write_csv(tmp_path / "csv" / "train.csv", rows[4:])
+    validation_csv = _write_csv(tmp_path / "csv" / "validation.csv", rows[:4])
+    output = tmp_path / "out"
+    results = _run(
+        encoder_dir, output,
+        "--train_csv", str(train_csv), "--validation_csv", str(validation_csv), "--image_column", "path",
+        "--multi_label", "--label_columns", "effusion,nodule", "--num_train_epochs", "1",
+    )  # fmt: skip
+
+    assert results["skipped_images"] == 1 and results["train_samples"] == 6 and results["eval_samples"] == 4
+    assert results["metric_for_best_model"] == "roc_auc" and math.isfinite(results["roc_auc"])
+    assert set(results["per_label_roc_auc"]) == {"effusion", "nodule"}
+    model = AutoModelForImageClassification.from_pretrained(output)
+    assert model.config.problem_type == "multi_label_classification"
+    assert list(model.config.id2label.values()) == ["effusion", "nodule"]
+
+
+def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -> None:
+    rng = np.random.default_rng(2)
+    rows = []
+    for index in range(6):
+        mask = np.zeros((48, 48), dtype=np.uint8)  # masks larger than the model input: resized, nearest
+        top = 8 + 4 * index
+        mask[top : top + 16, 10:40] = 1
+        mask[top + 16 :, 10:40] = 2
+        mask[:2] = 255  # an ignored border
+        image = 40 + 80 * (mask == 1) + 160 * (mask == 2) + 10 * rng.standard_normal(mask.shape)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(tmp_path / f"image{index}.png")
+        Image.fromarray(mask).save(tmp_path / f"mask{index}.png")
+        rows.append({"image": f"image{index}.png", "mask": f"mask{index}.png"})
+    train_csv = _write_csv(tmp_path / "train.csv", rows)
+    output = tmp_path / "out"
+    results = _run(
+        encoder_dir,
+        output,
+        "--task",
+        "segmentation",
+        "--train_csv",
+        str(train_csv),
+        "--validation_fraction",
+        "0.3",
+    )
+
+    assert results["train_samples"] == 4 and results["eval_samples"] == 2
+    assert math.isfinite(results["mean_iou"]) and 0.0 <= results["mean_iou"] <= 1.0
+    # The new head's BatchNorm starts from zero mean / unit variance statistics, so eval mode is sane from
+    # the first epoch (uninitialized running statistics once gave validation losses around 1e9).
+    assert results["loss"] < 10
+    assert set(results["per_category_iou"]) == {
+        "class_0",
+        "class_1",
+        "class_2",
+    }  # 255 is ignored, not a class
+    model = AutoModelForSemanticSegmentation.from_pretrained(output)
+    assert model.config.num_labels == 3 and model.config.semantic_loss_ignore_index == 255
+    with torch.no_grad():
+        logits = model(pixel_values=torch.zeros(1, 3, 32, 32)).logits
+    assert logits.shape == (1, 3, 32, 32)
+
+
+def test_freeze_encoder_trains_the_head_only(tmp_path, encoder_dir) -> None:
+    data = _image_folder(tmp_path / "data", per_class=4)
+    output = tmp_path / "out"
+    _run(encoder_dir, output, "--train_dir", str(data), "--freeze_encoder", "--num_train_epochs", "1")
+
+    before = AceModel.from_pretrained(encoder_dir).state_dict()
+    after = AutoModelForImageClassification.from_pretrained(output)
+    for key, value in after.ace.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_shots_per_class_draws_exactly_k_examples_of_each_class(tmp_path, encoder_dir) -> None:
+    data = _image_folder(tmp_path / "data", per_class=6)
+    results = _run(
+        encoder_dir,
+        tmp_path / "out",
+        "--train_dir",
+        str(data),
+        "--shots_per_class",
+        "2",
+        "--num_train_epochs",
+        "1",
+    )
+
+    assert results["train_samples_per_class"] == {"bright": 2, "dark": 2}
+    assert results["train_samples"] == 4
+    assert results["eval_samples"] == 3  # held out from all 12 images before the draw
+
+
+def test_few_shot_draw_is_seeded_and_refuses_too_few_examples() -> None:
+    labels = np.eye(2)[[0, 0, 0, 1, 1, 1, 1]]
+    first = finetune.few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
+    again = finetune.few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
+    assert first == again and labels[first].sum(0).tolist() == [2, 2]
+    with pytest.raises(ValueError, match="class 'a' has only 3"):
+        finetune.few_shot_indices(labels, ["a", "b"], 4, torch.Generator().manual_seed(0))
+
+
+def test_a_csv_naming_a_missing_file_or_column_or_a_bad_label_fails_clearly(tmp_path, encoder_dir) -> None:
+    _save(tmp_path / "present.png", 100, np.random.default_rng(0))
+    missing = _write_csv(
+        tmp_path / "missing.csv",
+        [{"image": "present.png", "label": "a"}, {"image": "absent.png", "label": "b"}],
+    )
+    with pytest.raises(FileNotFoundError, match=r"line 3, column 'image': file .*absent\.png"):
+        _run(encoder_dir, tmp_path / "out", "--train_csv", str(missing))
+    no_label = _write_csv(tmp_path / "no_label.csv", [{"image": "present.png", "finding": "a"}])
+    with pytest.raises(ValueError, match=r"no column\(s\) 'label'; its columns: \['image', 'finding'\]"):
+        _run(encoder_dir, tmp_path / "out", "--train_csv", str(no_label))
+    not_binary = _write_csv(tmp_path / "not_binary.csv", [{"image": "present.png", "effusion": "yes"}])
+    with pytest.raises(ValueError, match="column 'effusion' holds 'yes'; it must be 0 or 1"):
+        _run(
+            encoder_dir,
+            tmp_path / "out",
+            "--train_csv",
+            str(not_binary),
+            "--multi_label",
+            "--label_columns",
+            "effusion",
+        )
+
+
+def test_push_to_hub_uploads_the_best_model(tmp_path, encoder_dir, monkeypatch) -> None:
+    api = FakeHfApi()
+    monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    data = _image_folder(tmp_path / "data", per_class=4)
+    _run(
+        encoder_dir, tmp_path / "out", "--train_dir", str(data), "--num_train_epochs", "1",
+        "--push_to_hub", "--hub_model_id", "org/ace-finetuned",
+    )  # fmt: skip
+
+    [upload] = api.uploads
+    assert upload["repo_id"] == "org/ace-finetuned"
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "eval_results.json",
+        "README.md",
+    } <= set(upload["files"])
+
+
+def test_best_epoch_is_the_higher_score_then_the_lower_loss() -> None:
+    best = {"roc_auc": 0.8, "loss": 0.5}
+    assert finetune.improved(best, {}, "roc_auc")  # the first epoch is always saved
+    assert finetune.improved({"roc_auc": 0.9, "loss": 0.9}, best, "roc_auc")
+    assert finetune.improved({"roc_auc": 0.8, "loss": 0.4}, best, "roc_auc")
+    assert not finetune.improved({"roc_auc": 0.8, "loss": 0.6}, best, "roc_auc")
+    assert not finetune.improved({"roc_auc": math.nan, "loss": 0.1}, best, "roc_auc")
+    assert finetune.improved({"roc_auc": 0.1, "loss": 0.9}, {"roc_auc": math.nan, "loss": 0.1}, "roc_auc")
+    assert finetune.improved({"loss": 0.4}, best, "loss")  # a loss is minimized
