@@ -10,6 +10,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
+    AutoVideoProcessor,
 )
 
 from .configuration_ace import ACE_PRESETS, AceConfig
@@ -32,6 +33,10 @@ AutoModelForSemanticSegmentation.register(AceConfig, AceForSemanticSegmentation,
 AutoImageProcessor.register(
     AceConfig, image_processor_classes={"torchvision": AceImageProcessor}, exist_ok=True
 )
+# "No video processor", as transformers records for its image-only models. Without it the image-feature-extraction
+# pipeline, which also looks for a video processor, derives "AceVideoProcessor" from preprocessor_config.json's
+# auto_map and asks "Do you wish to run the custom code? [y/N]" (15 s timeout) for a class that does not exist.
+AutoVideoProcessor.register(AceConfig, video_processor_classes={}, exist_ok=True)
 
 __version__ = "0.1.0"
 

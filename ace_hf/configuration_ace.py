@@ -39,6 +39,12 @@ ACE_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Fields only one backbone reads: a config serializes its own backbone's fields, not the other's defaults.
+BACKBONE_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+    "swin": ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio"),
+}
+
 
 class AceConfig(PretrainedConfig):
     r"""Configuration of an [`AceModel`] encoder (ViT or Swin) and of its ACE pretraining heads and losses.
@@ -181,6 +187,17 @@ class AceConfig(PretrainedConfig):
             raise ValueError(f"Unknown ACE preset {name!r}; choose one of {sorted(ACE_PRESETS)}.")
         return cls(**{**ACE_PRESETS[name], **overrides})
 
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize without the other backbone's fields, so a ViT's config.json shows no Swin depths (and a
+        Swin's no ViT width) that the model never reads. `to_diff_dict` (config.json) builds on this; configs
+        saved with every field still load, the extra fields being ignored by the model."""
+        output = super().to_dict()
+        for backbone, fields in BACKBONE_ONLY_FIELDS.items():
+            if backbone != self.backbone_type:
+                for field in fields:
+                    output.pop(field, None)
+        return output
+
     def validate_ace(self) -> None:
         """Raise a ValueError naming the field when the configuration cannot build a working model."""
 
@@ -244,4 +261,4 @@ class AceConfig(PretrainedConfig):
 
 AceConfig.register_for_auto_class()
 
-__all__ = ["ACE_PRESETS", "AceConfig"]
+__all__ = ["ACE_PRESETS", "BACKBONE_ONLY_FIELDS", "AceConfig"]

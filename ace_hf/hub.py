@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors.torch import load_file, save_file
 
+from .configuration_ace import AceConfig
+from .evaluation import results_markdown
 from .image_processing_ace import AceImageProcessor
-from .modeling_ace import AceModel
+from .modeling_ace import AceForPreTraining, AceModel
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "ace_model_card.md"
 
@@ -32,6 +42,16 @@ REQUIRED_AUTO_MAP = {
     "config.json": ("AutoConfig", "AutoModel"),
     "preprocessor_config.json": ("AutoImageProcessor",),
 }
+
+# Written next to the encoder so that continued pretraining keeps the heads (as RAD-DINO ships its DINO head).
+PRETRAINING_HEADS_NAME = "pretraining_heads.safetensors"
+
+# Fewer optimizer steps than this (or fewer than planned) make an export a smoke test, and its card says so.
+SMOKE_TEST_STEPS = 100
+# How ace_hf.data describes the built-in data set: DRRs rendered from one chest CT.
+BUILTIN_DATA_PREFIX = "built-in chest DRRs"
+# The evaluation section sits between these markers, so that push_to_hub can fill it in later.
+EVALUATION_START, EVALUATION_END = "<!-- ace-evaluation -->", "<!-- /ace-evaluation -->"
 
 CARD_TAGS = ["ace", "self-supervised", "medical-imaging", "chest-x-ray", "vision", "image-feature-extraction"]
 
@@ -61,6 +81,9 @@ def export_pretrained(
     model_id: str | None = None,
     training_summary: dict[str, Any] | None = None,
     dataset_names: list[str] | None = None,
+    base_model: str | None = None,
+    evaluation_results: str | os.PathLike | Mapping[str, Any] | None = None,
+    pretraining_heads: AceForPreTraining | Mapping[str, torch.Tensor] | None = None,
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
 ) -> Path:
@@ -69,7 +92,13 @@ def export_pretrained(
     The folder holds float32 safetensors weights, config.json and preprocessor_config.json with `auto_map`,
     the remote-code modules, and a README.md model card. `model_id` ("org/name") is what the card's usage
     snippets load (default: the folder name). `training_summary` keys are listed in `SUMMARY_LABELS` (others
-    are shown under their own name); `wall_time_s` is in seconds. Files already in `output_dir` are kept.
+    are shown under their own name); `wall_time_s` is in seconds; its "dataset" describes the data in the card.
+    `dataset_names` and `base_model` (the encoder pretraining continued from) enter the card's metadata when
+    they are Hub ids; local paths are left out. `evaluation_results` is examples/run_evaluation.py's
+    results.json (path or dict). `pretraining_heads` (the `AceForPreTraining` model or its
+    `pretraining_heads_state_dict()`) are saved to pretraining_heads.safetensors, for continued pretraining.
+    Other files already in `output_dir` are kept, except a pretraining_heads.safetensors that this export
+    does not write (it would pair older heads with these weights).
 
     Raises:
         FileNotFoundError: the model card template is missing.
@@ -88,21 +117,29 @@ def export_pretrained(
     encoder.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
     _check_remote_code(output_dir)
+    _save_pretraining_heads(output_dir, pretraining_heads)
 
     model_id = model_id or output_dir.resolve().name
+    base_model = base_model if _is_hub_id(base_model) else None
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
         tags=[*CARD_TAGS, encoder.config.backbone_type],
         license=license,
-        datasets=dataset_names,
+        datasets=[name for name in dataset_names or [] if _is_hub_id(name)] or None,
+        base_model=base_model,
     )
     card = ModelCard.from_template(
         card_data,
         template_path=str(template),
         model_id=model_id,
         model_name=model_id.split("/")[-1],
-        training_rows=_summary_rows(training_summary or {}),
+        **_summary_facts(training_summary or {}),
+        base_model=base_model,
+        has_pretraining_heads=(output_dir / PRETRAINING_HEADS_NAME).is_file(),
+        evaluation_section=_evaluation_section(evaluation_results),
+        evaluation_start=EVALUATION_START,
+        evaluation_end=EVALUATION_END,
         **_model_facts(encoder),
     )
     card.save(output_dir / "README.md")
@@ -116,17 +153,21 @@ def push_to_hub(
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload ACE encoder",
+    evaluation_results: str | os.PathLike | Mapping[str, Any] | None = None,
     api: HfApi | None = None,
 ) -> str:
     """Create the model repo `repo_id` ("namespace/name") if needed and upload `folder` as one commit.
 
     Only the folder's top-level files go up: an export is flat, and training writes checkpoints (optimizer
-    state) and logs in subfolders next to it. Returns the commit URL. `api` is injectable so tests can record
-    the calls instead of reaching the Hub.
+    state) and logs in subfolders next to it. `evaluation_results` (results.json of examples/run_evaluation.py,
+    path or dict) first fills the model card's evaluation section, since evaluation usually runs after the
+    export. Returns the commit URL. `api` is injectable so tests can record the calls instead of reaching the Hub.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json; write it with export_pretrained first.")
+    if evaluation_results is not None:
+        add_evaluation_to_card(folder, evaluation_results)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
@@ -136,6 +177,74 @@ def push_to_hub(
         allow_patterns=sorted(path.name for path in folder.iterdir() if path.is_file()),
     )
     return str(commit)
+
+
+def add_evaluation_to_card(
+    folder: str | os.PathLike, evaluation_results: str | os.PathLike | Mapping[str, Any]
+) -> None:
+    """Replace the evaluation section of the export's README.md with a table of `evaluation_results`."""
+    readme = Path(folder) / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(EVALUATION_START) + r".*?" + re.escape(EVALUATION_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(
+            f"{str(readme)!r} has no evaluation section; export it again with export_pretrained."
+        )
+    section = f"{EVALUATION_START}\n{_evaluation_section(evaluation_results)}\n{EVALUATION_END}"
+    readme.write_text(pattern.sub(lambda _: section, text, count=1))
+
+
+def find_pretraining_heads(
+    name_or_path: str | os.PathLike, *, token: str | None = None, revision: str | None = None
+) -> Path | None:
+    """The pretraining_heads.safetensors of an export (a local folder or a Hub id), or None if it has none."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        path = folder / PRETRAINING_HEADS_NAME
+        return path if path.is_file() else None
+    try:
+        return Path(
+            hf_hub_download(str(name_or_path), PRETRAINING_HEADS_NAME, token=token, revision=revision)
+        )
+    except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
+        return None
+
+
+def pretraining_model_from_export(
+    name_or_path: str | os.PathLike,
+    config: AceConfig | None = None,
+    *,
+    token: str | None = None,
+    log: logging.Logger | logging.LoggerAdapter = logger,
+) -> AceForPreTraining:
+    """An `AceForPreTraining` that continues from an exported encoder, with the export's pretraining heads
+    when it ships them and they fit `config`; otherwise the heads start fresh, and `log` says which it was."""
+    encoder = AceModel.from_pretrained(name_or_path, config=config, token=token)
+    heads_file = find_pretraining_heads(name_or_path, token=token)
+    fresh = "expect the first epochs to re-learn them"
+    if heads_file is None:
+        log.warning(f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {name_or_path}): {fresh}")
+        return AceForPreTraining.from_encoder(encoder)
+    try:
+        model = AceForPreTraining.from_encoder(encoder, load_file(heads_file))
+    except ValueError as error:
+        log.warning(f"pretraining heads start fresh ({error}): {fresh}")
+        return AceForPreTraining.from_encoder(encoder)
+    log.info(f"loaded pretraining heads from {heads_file}")
+    return model
+
+
+def _save_pretraining_heads(
+    folder: Path, heads: AceForPreTraining | Mapping[str, torch.Tensor] | None
+) -> None:
+    """Write the heads next to the encoder, or remove a stale heads file of an earlier export."""
+    path = folder / PRETRAINING_HEADS_NAME
+    if heads is None:
+        path.unlink(missing_ok=True)
+        return
+    if isinstance(heads, AceForPreTraining):
+        heads = heads.pretraining_heads_state_dict()
+    save_file({key: value.contiguous() for key, value in heads.items()}, path, metadata={"format": "pt"})
 
 
 def _check_remote_code(folder: Path) -> None:
@@ -177,6 +286,18 @@ def _model_facts(encoder: AceModel) -> dict[str, Any]:
     }
 
 
+def _summary_facts(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the card says about the run: its table, its data (free of local paths), and whether the data is
+    the built-in one-CT set or the run a smoke test."""
+    dataset = summary.get("dataset")
+    return {
+        "training_rows": _summary_rows(summary),
+        "data_description": _public_text(str(dataset)) if dataset is not None else None,
+        "builtin_data": str(dataset).startswith(BUILTIN_DATA_PREFIX),
+        "smoke_test": _smoke_test_note(summary),
+    }
+
+
 def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows: known keys first in SUMMARY_LABELS order, then any others as given."""
     keys = [key for key in SUMMARY_LABELS if key in summary] + [
@@ -192,7 +313,73 @@ def _format_value(key: str, value: Any) -> str:
         return f"{hours} h {minutes:02d} min {seconds:02d} s"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return _public_text(str(value))
 
 
-__all__ = ["export_pretrained", "push_to_hub"]
+def _smoke_test_note(summary: dict[str, Any]) -> str | None:
+    """Why the card must flag the run as a smoke test (too few steps, or fewer than planned), else None."""
+    steps, planned = summary.get("steps"), summary.get("total_steps")
+    if not isinstance(steps, int):
+        return None
+    if isinstance(planned, int) and steps < planned:
+        return f"it stopped after {steps} of {planned} planned optimizer steps"
+    if steps < SMOKE_TEST_STEPS:
+        return f"it ran {steps} optimizer steps"
+    return None
+
+
+def _evaluation_section(results: str | os.PathLike | Mapping[str, Any] | None) -> str:
+    """Markdown for the card's evaluation section: the suite's table, or how to produce one."""
+    if results is None:
+        return (
+            "No evaluation results were attached to this export. ace-hf's `examples/run_evaluation.py` "
+            'measures them, and `ace_hf.hub.push_to_hub(..., evaluation_results="results.json")` adds '
+            "them here."
+        )
+    if not isinstance(results, Mapping):
+        results = json.loads(Path(results).read_text())
+    table = results_markdown({_public_text(name): result for name, result in results.items()})
+    return (
+        "ace-hf's evaluation suite (`examples/run_evaluation.py`): property analysis of the frozen embeddings "
+        "and few-shot segmentation and findings classification, on held-out digitally reconstructed radiographs "
+        "rendered from the chest CT of the built-in data (other poses and seed), with labels from the render "
+        "geometry. These are synthetic images of one anatomy, not a clinical benchmark.\n\n" + table
+    )
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id ("org/name") that is not also a local path: only such names go into a public card."""
+    if not name or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+_PATH_PUNCTUATION = "()[]{}<>'\"`,;"
+
+
+def _public_text(text: str) -> str:
+    """`text` with each local path (absolute, home-relative, or existing here) cut to its last component."""
+    return re.sub(r"\S+", lambda match: _public_word(match.group()), text)
+
+
+def _public_word(word: str) -> str:
+    path = word.strip(_PATH_PUNCTUATION)
+    is_path = "/" in path or "\\" in path
+    is_local = path.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:[\\/]", path) or Path(path).exists()
+    if not (is_path and is_local):
+        return word
+    return word.replace(path, re.split(r"[\\/]", path.rstrip("/\\"))[-1] or "(local folder)")
+
+
+__all__ = [
+    "PRETRAINING_HEADS_NAME",
+    "add_evaluation_to_card",
+    "export_pretrained",
+    "find_pretraining_heads",
+    "pretraining_model_from_export",
+    "push_to_hub",
+]

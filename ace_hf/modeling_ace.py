@@ -7,13 +7,13 @@ relative imports, the other ACE files that travel with it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, SwinConfig, SwinModel
+from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -23,11 +23,13 @@ from transformers.modeling_outputs import (
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_ace import AceConfig
 from .correspondence_ace import correspondence_targets
 from .losses_ace import DinoLoss, MatrixMatchingLoss
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -273,16 +275,9 @@ def _swin_config(config: AceConfig) -> SwinConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# from_pretrained arguments that also locate the config.
-_HUB_KWARGS = (
-    "cache_dir",
-    "force_download",
-    "local_files_only",
-    "token",
-    "revision",
-    "subfolder",
-    "trust_remote_code",
-)
+# from_pretrained arguments that also locate the config (not `trust_remote_code`: a config class, unlike
+# AutoConfig, warns that it "has no effect here").
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 class AcePreTrainedModel(PreTrainedModel):
@@ -304,13 +299,19 @@ class AcePreTrainedModel(PreTrainedModel):
         a pretraining checkpoint loaded as `AceModel` gives its teacher encoder (what ACE publishes), and an
         encoder loaded as `AceForPreTraining` starts pretraining from it (see `from_encoder`)."""
         config = kwargs.get("config")
-        if not isinstance(config, AceConfig):
+        # Any config object, not only this module's AceConfig: as remote code, AutoModel passes the AceConfig
+        # of another copy of configuration_ace.py (transformers imports each auto class's files separately).
+        if not isinstance(config, PretrainedConfig):
             config_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config = AceConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         saved_as = (config.architectures or [cls.__name__])[0]
         if cls.__name__ == "AceModel" and saved_as == "AceForPreTraining":
             kwargs.setdefault("key_mapping", {r"^teacher\.ace\.": ""})
         elif cls.__name__ == "AceForPreTraining" and saved_as == "AceModel":
+            logger.warning(
+                f"{pretrained_model_name_or_path} is an encoder: its pretraining heads start fresh here. "
+                "ace_hf.hub.pretraining_model_from_export also loads an export's pretraining_heads.safetensors."
+            )
             return cls.from_encoder(
                 AceModel.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             )
@@ -325,6 +326,12 @@ class AcePreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            if isinstance(
+                module, nn.BatchNorm2d
+            ):  # buffers too: from_pretrained allocates them uninitialized
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, AceEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
@@ -351,6 +358,14 @@ class AceModel(AcePreTrainedModel):
             return self.swin.get_input_embeddings()
         return self.embeddings.patch_embeddings
 
+    def _restore_swin_windows(self) -> None:
+        """transformers' SwinLayer shrinks its window and drops its shift in place when an input's stage grid is
+        not larger than the window; reset them so that one small input does not change every later call."""
+        for stage in self.swin.encoder.layers:
+            for index, block in enumerate(stage.blocks):
+                block.window_size = self.config.window_size
+                block.shift_size = 0 if index % 2 == 0 else self.config.window_size // 2
+
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:
             raise ValueError("AceModel needs pixel_values of shape [batch, channels, height, width].")
@@ -363,6 +378,14 @@ class AceModel(AcePreTrainedModel):
             raise ValueError(
                 f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be multiples of the token "
                 f"stride {stride}; resize with AceImageProcessor."
+            )
+        if (
+            self.config.backbone_type == "swin"
+            and min(pixel_values.shape[-2:]) < self.config.window_size * stride
+        ):
+            raise ValueError(
+                f"pixel_values height and width {tuple(pixel_values.shape[-2:])} must be at least window_size * "
+                f"token stride = {self.config.window_size * stride} for Swin (its last stage needs one full window)."
             )
         return pixel_values.to(self.dtype)
 
@@ -385,6 +408,7 @@ class AceModel(AcePreTrainedModel):
         height, width = (side // self.config.token_stride for side in pixel_values.shape[-2:])
 
         if self.config.backbone_type == "swin":
+            self._restore_swin_windows()
             swin_output = self.swin(
                 pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
             )
@@ -550,12 +574,77 @@ class AceForPreTraining(AcePreTrainedModel):
         return self.student.ace
 
     @classmethod
-    def from_encoder(cls, encoder: AceModel) -> AceForPreTraining:
-        """Continue pretraining from a published encoder: student and teacher both start from its weights."""
+    def from_encoder(
+        cls, encoder: AceModel, heads: Mapping[str, torch.Tensor] | None = None
+    ) -> AceForPreTraining:
+        """Continue pretraining from a published encoder: student and teacher both start from its weights, and
+        from `heads` (a `pretraining_heads_state_dict()`, as saved in pretraining_heads.safetensors) when given;
+        without them the heads start from scratch and the first epochs re-learn them."""
         model = cls(encoder.config)
         model.student.ace.load_state_dict(encoder.state_dict())
         model.reset_teacher()
+        if heads is not None:
+            model.load_pretraining_heads(heads)
         return model
+
+    def _pretraining_heads(self) -> dict[str, nn.Module]:
+        """The modules saved with an export as its pretraining heads, by key prefix: the teacher's where both
+        branches have one (see `pretraining_heads_state_dict`)."""
+        return {
+            "global_head": self.teacher.global_head,
+            "dense_head": self.teacher.dense_head,
+            "upsampler": self.upsampler,
+            "downsampler": self.downsampler,
+        }
+
+    def pretraining_heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything beyond the encoder that continued pretraining needs, as float32 CPU tensors.
+
+        - The teacher's global (DINO) and dense heads: the export is the teacher encoder, and these heads are
+          averaged (EMA) over the same steps, so they match it; the student's heads match the student encoder,
+          which is not published. Both branches restart from them, as both restart from the exported encoder.
+        - The up- and down-samplers: they exist once, on the student side.
+        - The DINO center (`dino_center`): the running mean of the teacher head's outputs. Restarting it at
+          zero leaves the teacher's targets uncentered until the EMA catches up.
+        Optimizer state and schedules are not included: they belong to a training checkpoint, not an export.
+        """
+        state = {
+            f"{prefix}.{key}": value
+            for prefix, module in self._pretraining_heads().items()
+            for key, value in module.state_dict().items()
+        }
+        state["dino_center"] = self.dino_loss.center
+        return {
+            key: (value.float() if value.is_floating_point() else value).detach().cpu().contiguous()
+            for key, value in state.items()
+        }
+
+    @torch.no_grad()
+    def load_pretraining_heads(self, heads: Mapping[str, torch.Tensor]) -> None:
+        """Load a `pretraining_heads_state_dict()` into the teacher and the student alike.
+
+        Raises:
+            ValueError: tensors are missing, unexpected or of another shape (the heads were trained with other
+                `dino_*` sizes or another backbone width); nothing is loaded then.
+        """
+        expected = {key: tuple(value.shape) for key, value in self.pretraining_heads_state_dict().items()}
+        problems = [f"missing {key}" for key in expected if key not in heads]
+        problems += [f"unexpected {key}" for key in heads if key not in expected]
+        problems += [
+            f"{key} has shape {tuple(heads[key].shape)}, the model {shape}"
+            for key, shape in expected.items()
+            if key in heads and tuple(heads[key].shape) != shape
+        ]
+        if problems:
+            raise ValueError(f"The pretraining heads do not fit this configuration: {'; '.join(problems)}.")
+        for prefix, module in self._pretraining_heads().items():
+            start = f"{prefix}."
+            module.load_state_dict(
+                {key[len(start) :]: value for key, value in heads.items() if key.startswith(start)}
+            )
+        self.student.global_head.load_state_dict(self.teacher.global_head.state_dict())
+        self.student.dense_head.load_state_dict(self.teacher.dense_head.state_dict())
+        self.dino_loss.center.copy_(heads["dino_center"])
 
     @torch.no_grad()
     def reset_teacher(self) -> None:

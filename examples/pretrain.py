@@ -31,9 +31,10 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
+from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor
+from ace_hf.convert import init_from_timm
 from ace_hf.data import IndexedDataset, ViewPairCollator, index_streaming_dataset, load_pretraining_dataset
-from ace_hf.hub import export_pretrained, push_to_hub
+from ace_hf.hub import export_pretrained, pretraining_model_from_export, push_to_hub
 from ace_hf.optimization import (
     AceSchedules,
     cancel_last_layer_gradients,
@@ -70,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--model_name_or_path", help="Continue from a pretrained ACE encoder (folder or Hub id)."
+    )
+    model.add_argument(
+        "--init_from_timm",
+        help="Start student and teacher encoders from timm ImageNet weights: a timm model name (downloads) "
+        "or a local .safetensors/.pth/.bin file or folder, as the official recipe does.",
     )
     model.add_argument("--gradient_checkpointing", action="store_true")
     model.add_argument(
@@ -125,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--streaming needs --max_steps (a stream has no length)")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    if args.init_from_timm and args.model_name_or_path:
+        parser.error("--init_from_timm and --model_name_or_path are mutually exclusive")
     return args
 
 
@@ -201,11 +209,14 @@ def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
 
 def build_model(args: argparse.Namespace) -> AceForPreTraining:
     config = build_config(args)
-    if args.model_name_or_path:
-        return AceForPreTraining.from_encoder(
-            AceModel.from_pretrained(args.model_name_or_path, config=config)
+    if args.model_name_or_path:  # with the export's pretraining heads when it ships them (the log says)
+        return pretraining_model_from_export(
+            args.model_name_or_path, config, token=args.hub_token, log=logger
         )
-    return AceForPreTraining(config)
+    model = AceForPreTraining(config)
+    if args.init_from_timm:
+        init_from_timm(model, args.init_from_timm)
+    return model
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -481,7 +492,12 @@ def main(argv: list[str] | None = None) -> dict:
                         accelerator, output_dir, state.step, args.checkpoints_total_limit
                     )
                     if args.export_with_checkpoints and accelerator.is_main_process:
-                        export_pretrained(ace.export_teacher(), processor, last_checkpoint / "encoder")
+                        export_pretrained(
+                            ace.export_teacher(),
+                            processor,
+                            last_checkpoint / "encoder",
+                            pretraining_heads=ace,
+                        )
                 if state.step >= total_steps:
                     break
                 if accelerator.reduce(
@@ -529,6 +545,9 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir,
             model_id=args.hub_model_id,
             training_summary=card_summary,
+            dataset_names=[args.dataset_name] if args.dataset_name else None,  # Hub ids only reach the card
+            base_model=args.model_name_or_path,  # likewise
+            pretraining_heads=ace,
         )
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(f"Done: {json.dumps(summary)}. Exported the teacher encoder to {output_dir}.")

