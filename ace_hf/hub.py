@@ -24,6 +24,7 @@ from .configuration_ace import AceConfig
 from .evaluation import results_markdown
 from .image_processing_ace import AceImageProcessor
 from .modeling_ace import AceForPreTraining, AceModel
+from .runs import normal_file_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ SUMMARY_LABELS = {
     "final_composition_loss": "Final composition loss",
     "skipped_images": "Skipped unreadable images",
     "wall_time_s": "Wall time",
+    "segments": "Run segments",
 }
 
 
@@ -143,6 +145,7 @@ def export_pretrained(
         **_model_facts(encoder),
     )
     card.save(output_dir / "README.md")
+    normal_file_permissions(output_dir)  # safetensors writes 0600: colleagues could not read the model
     return output_dir
 
 
@@ -306,11 +309,31 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [(SUMMARY_LABELS.get(key, key), _format_value(key, summary[key])) for key in keys]
 
 
+def _format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {seconds:02d} s"
+
+
+def _format_segments(segments: list[dict[str, Any]]) -> str:
+    """One entry per resumed part of a run, with what was deliberately changed when it resumed."""
+    parts = []
+    for segment in segments:
+        start, end = segment["steps"]
+        text = f"steps {start}-{end} ({_format_duration(segment['wall_time_s'])})"
+        if segment.get("changes"):
+            text += ", resumed with " + ", ".join(
+                f"{name} {old!r} -> {new!r}" for name, (old, new) in segment["changes"].items()
+            )
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def _format_value(key: str, value: Any) -> str:
     if key == "wall_time_s" and isinstance(value, int | float):
-        minutes, seconds = divmod(round(value), 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours} h {minutes:02d} min {seconds:02d} s"
+        return _format_duration(value)
+    if key == "segments" and isinstance(value, list):
+        return _public_text(_format_segments(value))
     if isinstance(value, float):
         return f"{value:.4g}"
     return _public_text(str(value))

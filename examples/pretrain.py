@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -31,6 +32,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+import ace_hf
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor
 from ace_hf.convert import init_from_timm
 from ace_hf.data import IndexedDataset, ViewPairCollator, index_streaming_dataset, load_pretraining_dataset
@@ -40,6 +42,15 @@ from ace_hf.optimization import (
     cancel_last_layer_gradients,
     parameter_groups,
     scaled_learning_rate,
+)
+from ace_hf.runs import (
+    check_output_dir,
+    check_resume,
+    clear_previous_run,
+    close_segment,
+    read_run_record,
+    run_fingerprint,
+    write_run_record,
 )
 
 logger = get_logger(__name__)
@@ -117,6 +128,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--export_with_checkpoints", action="store_true", help="Also export the encoder each time."
     )
     run.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
+    run.add_argument(
+        "--allow_run_changes",
+        default="",
+        help="Fields that may differ from the resumed checkpoint's run (e.g. 'learning_rate,total_steps', or "
+        "'all'); they are recorded in the training summary and the model card.",
+    )
+    run.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the export and checkpoints of another run in --output_dir (refused otherwise).",
+    )
     run.add_argument("--logging_steps", type=int, default=10)
     run.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none.")
     run.add_argument("--push_to_hub", action="store_true")
@@ -138,20 +160,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class TrainingState:
-    """Progress saved with every checkpoint (registered with Accelerate) so that a resume continues exactly:
-    the optimizer step, the pass over the data in progress and the steps already taken in it."""
+    """Progress saved with every checkpoint (in its run record, JSON, so that resuming unpickles nothing) so
+    that a resume continues exactly: the optimizer step, the pass over the data in progress and the steps
+    already taken in it."""
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     skipped_images: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
 
 
 @contextmanager
@@ -219,20 +235,43 @@ def build_model(args: argparse.Namespace) -> AceForPreTraining:
     return model
 
 
+def checkpoint_bytes(config: AceConfig) -> int:
+    """About what one checkpoint and the export take on disk: float32 student and teacher, AdamW's two moments
+    of the trained weights, and the exported encoder (sized on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = AceForPreTraining(config)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return 4 * (total + 2 * trained + sum(p.numel() for p in model.teacher.parameters()))
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
     found = [path for path in (output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
     return sorted(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int) -> Path:
-    """save_state into a temporary folder, then rename: a crash mid-save never leaves a half checkpoint."""
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, total_limit: int, record: dict[str, Any]
+) -> Path:
+    """save_state and the run record into a temporary folder, then rename: a crash mid-save never leaves a
+    half checkpoint, and a failed write (a full disk) removes its temporary folder and keeps the last one."""
     final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     partial = output_dir / "checkpoints" / f".partial-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            write_run_record(partial, record)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = checkpoint_dirs(output_dir)
+        raise RuntimeError(
+            f"Could not write the checkpoint at step {step} ({error.strerror or error}); "
+            + (f"the previous checkpoint {kept[-1]} is kept." if kept else "no earlier checkpoint exists.")
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -329,6 +368,22 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
 
+    checkpoint = (
+        resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    )
+    check_output_dir(
+        output_dir,
+        resuming=checkpoint is not None,
+        overwrite=args.overwrite_output_dir,
+        needed_bytes=checkpoint_bytes(build_config(args)),
+    )
+    if args.overwrite_output_dir and checkpoint is None and accelerator.is_main_process:
+        if removed := clear_previous_run(output_dir):
+            logger.warning(
+                f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} in {output_dir}"
+            )
+    accelerator.wait_for_everyone()
+
     model = build_model(args)
     config = model.config
     if args.gradient_checkpointing:
@@ -407,18 +462,42 @@ def main(argv: list[str] | None = None) -> dict:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     ace = accelerator.unwrap_model(model)
     state = TrainingState()
-    accelerator.register_for_checkpointing(state)
-
-    if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        if checkpoint is None:
-            logger.info("No checkpoint in the output folder yet: starting from scratch.")
-        else:
-            accelerator.load_state(str(checkpoint))
-            logger.info(f"Resumed from {checkpoint} at optimizer step {state.step} of {total_steps}.")
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = run_fingerprint(
+        config={
+            k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
+        },
+        augmentation=parse_overrides(args.augmentation_overrides),
+        data={"description": data_description, "examples": None if args.streaming else len(dataset)},
+        global_batch=global_batch,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=args.learning_rate,
+        min_learning_rate=args.min_learning_rate,
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        warmup_epochs=args.warmup_epochs,
+        freeze_last_layer_epochs=args.freeze_last_layer_epochs,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        mixed_precision=accelerator.mixed_precision,
+        ace_hf_version=ace_hf.__version__,
+    )
+    earlier_segments: list[dict[str, Any]] = []
+    changes: dict[str, list[Any]] = {}
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint in the output folder yet: starting from scratch.")
+    elif checkpoint is not None:
+        record = read_run_record(checkpoint)
+        allowed = {name.strip() for name in args.allow_run_changes.split(",") if name.strip()}
+        changes = check_resume(record, fingerprint, total_steps=total_steps, allowed=allowed)
+        accelerator.load_state(str(checkpoint))
+        for name, value in record["state"].items():
+            setattr(state, name, value)
+        earlier_segments = record["segments"]
+        logger.info(f"Resumed from {checkpoint} at optimizer step {state.step} of {total_steps}.")
+        if changes:
+            logger.warning(f"Resuming with deliberate changes (recorded in the summary and card): {changes}")
+    segment_start = state.step
     accelerator.init_trackers("ace-pretrain", {k: v for k, v in vars(args).items() if k != "hub_token"})
     logger.info(
         f"Pretraining {config.backbone_type} ({sum(p.numel() for p in ace.ace.parameters()) / 1e6:.1f}M encoder "
@@ -433,6 +512,15 @@ def main(argv: list[str] | None = None) -> dict:
     seen_ids: list[int] = []
     last_checkpoint: Path | None = None
     start_time = time.perf_counter()
+
+    def run_segments() -> list[dict[str, Any]]:
+        """Every segment of the run: those of the resumed checkpoint, and this one up to now."""
+        return close_segment(
+            earlier_segments, segment_start, state.step, time.perf_counter() - start_time, changes
+        )
+
+    def run_record() -> dict[str, Any]:
+        return {"state": asdict(state), "fingerprint": fingerprint, "segments": run_segments()}
 
     interrupted = False
     with graceful_stop() as stop:
@@ -489,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
                     running, micro_batches = {}, 0
                 if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                     last_checkpoint = save_checkpoint(
-                        accelerator, output_dir, state.step, args.checkpoints_total_limit
+                        accelerator, output_dir, state.step, args.checkpoints_total_limit, run_record()
                     )
                     if args.export_with_checkpoints and accelerator.is_main_process:
                         export_pretrained(
@@ -514,7 +602,9 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
 
     if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
-        last_checkpoint = save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
+        last_checkpoint = save_checkpoint(
+            accelerator, output_dir, state.step, args.checkpoints_total_limit, run_record()
+        )
     check_replicas_in_sync(accelerator, ace)
     skipped = int(
         accelerator.reduce(torch.tensor(state.skipped_images, device=accelerator.device), "sum").item()
@@ -530,7 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
         "processes": accelerator.num_processes,
         "dataset": data_description,
         "skipped_images": skipped,
-        "wall_time_s": round(time.perf_counter() - start_time, 1),
+        "segments": (segments := run_segments()),
+        "wall_time_s": round(sum(segment["wall_time_s"] for segment in segments), 1),
         **{f"final_{name}": round(value, 5) for name, value in final_logs.items() if name in LOSS_NAMES},
     }
     if skipped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from ace_hf.runs import (
     run_fingerprint,
     write_run_record,
 )
+from tests.conftest import tiny_vit_config
+from tests.test_pretrain_script import RESUME_ARGS, _args, _write_images, pretrain
 
 
 def _finished_run(folder: Path) -> Path:
@@ -112,3 +115,68 @@ def test_exported_files_get_the_umask_mode(tmp_path) -> None:
     finally:
         os.umask(old)
     assert private.stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------ the same guarantees through examples/pretrain.py
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, tiny config folder, output folder of a finished 6-step run with checkpoints at 2, 4, 6)."""
+    root = tmp_path_factory.mktemp("runs")
+    data = _write_images(root / "data", 12)
+    config_dir = root / "config"
+    tiny_vit_config().save_pretrained(config_dir)
+    pretrain.main(_args(data, config_dir, root / "done", *RESUME_ARGS))
+    return data, config_dir, root / "done"
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def test_a_quick_run_never_overwrites_a_finished_model(tmp_path, finished_run) -> None:
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    weights = (output / "model.safetensors").read_bytes()
+    with pytest.raises(OutputDirError, match="already holds another run"):
+        pretrain.main(_args(data, config_dir, output, "--max_steps", "3"))
+    assert (output / "model.safetensors").read_bytes() == weights
+    summary = pretrain.main(_args(data, config_dir, output, "--max_steps", "3", "--overwrite_output_dir"))
+    assert summary["steps"] == 3 and [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_3"]
+    assert summary["segments"] == [{"steps": [0, 3], "wall_time_s": summary["wall_time_s"]}]
+
+
+def test_resume_refuses_another_run_and_records_deliberate_changes(tmp_path, finished_run) -> None:
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    resume = ("--resume_from_checkpoint", "latest")
+    with pytest.raises(RunMismatchError, match="step 6, past this run's 3 planned steps"):
+        pretrain.main(_args(data, config_dir, output, "--max_steps", "3", *resume))
+
+    other_preset = tmp_path / "other-config"
+    tiny_vit_config(hidden_size=48).save_pretrained(other_preset)
+    with pytest.raises(RunMismatchError, match=r"config.hidden_size: 32 -> 48"):
+        pretrain.main(_args(data, other_preset, output, *RESUME_ARGS, *resume))
+
+    longer = ("--num_train_epochs", "3", "--checkpointing_steps", "2", "--learning_rate", "5e-3")
+    with pytest.raises(RunMismatchError, match=r"learning_rate: 0.01 -> 0.005; total_steps: 6 -> 9"):
+        pretrain.main([*_args(data, config_dir, output, *resume), *longer])
+    allow = ("--allow_run_changes", "learning_rate,total_steps")
+    summary = pretrain.main([*_args(data, config_dir, output, *resume), *longer, *allow])
+    assert summary["steps"] == 9
+    first, second = summary["segments"]
+    assert first["steps"] == [0, 6] and "changes" not in first
+    assert second["steps"] == [6, 9]
+    assert second["changes"] == {"learning_rate": [0.01, 0.005], "total_steps": [6, 9]}
+    assert summary["wall_time_s"] == pytest.approx(first["wall_time_s"] + second["wall_time_s"], abs=0.11)
+    card = (output / "README.md").read_text()
+    assert "steps 0-6" in card and "resumed with learning_rate 0.01 -> 0.005" in card
+
+
+def test_the_export_is_readable_by_colleagues(finished_run) -> None:
+    done = finished_run[2]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "README.md", "pretraining_heads.safetensors"):
+        assert (done / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
