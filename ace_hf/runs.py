@@ -40,28 +40,31 @@ def other_runs_work(output_dir: Path) -> list[str]:
     return held
 
 
+def ensure_writable_folder(folder: Path, flag: str) -> None:
+    """Create `folder` if needed and prove it takes a file; OutputDirError naming `flag` otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"{flag} {folder} is a file, not a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise OutputDirError(f"{flag} {folder} is not writable: {error.strerror or error}.") from None
+
+
 def check_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, needed_bytes: int) -> None:
     """Fail with one line before any model or data is loaded when `output_dir` cannot take this run.
 
     A folder holding another run's export or checkpoints is refused unless the run resumes from it or
     `overwrite` is set; the folder must be writable and have room for one checkpoint.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"--output_dir {output_dir} is a file, not a folder.")
     held = other_runs_work(output_dir) if output_dir.is_dir() else []
     if held and not (resuming or overwrite):
         raise OutputDirError(
             f"--output_dir {output_dir} already holds another run's work ({', '.join(held)}): continue it with "
             "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another folder."
         )
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise OutputDirError(
-            f"--output_dir {output_dir} is not writable: {error.strerror or error}."
-        ) from None
+    ensure_writable_folder(output_dir, "--output_dir")
     free = shutil.disk_usage(output_dir).free
     if free < needed_bytes:
         raise OutputDirError(

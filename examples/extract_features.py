@@ -35,6 +35,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
 from ace_hf.data import IMAGE_SUFFIXES, decode_image, list_image_files
+from ace_hf.runs import OutputDirError, ensure_writable_folder
 
 logger = logging.getLogger("extract_features")
 
@@ -107,9 +108,14 @@ def batches(paths: list[Path], batch_size: int) -> Iterator[list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the extraction; returns the exit status (1 when no image could be read)."""
+    """Run the extraction; returns the exit status (1 when no image could be read, 2 for an unusable --output)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    try:  # before the model loads: a wrong path should cost one line, not a load and a traceback
+        ensure_writable_folder(args.output, "--output")
+    except OutputDirError as error:
+        logger.error(str(error))
+        return 2
     model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model = model.to(args.device).eval()
     # Overrides go through the processor's __init__, so a bad size fails here, not as a skip of every file.

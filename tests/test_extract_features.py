@@ -154,3 +154,18 @@ def test_size_off_the_stride_fails_before_reading_images(model_dir, image_dir, t
     argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
     with pytest.raises(ValueError, match=r"AceImageProcessor\.size=.*multiples of the model's token stride"):
         load_script().main([*argv, "--size", "50", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("kind", ["a file", "unwritable"])
+def test_an_unusable_output_fails_in_one_line_before_the_model_loads(
+    kind, image_dir, tmp_path, caplog
+) -> None:
+    """A missing model proves the order: the output is refused before anything is loaded."""
+    output = Path("/proc/forbidden")
+    if kind == "a file":
+        output = tmp_path / "taken"
+        output.write_text("x")
+    status = run(tmp_path / "no-such-model", image_dir, output, "npy", caplog)
+    assert status == 2
+    assert ("is a file, not a folder" if kind == "a file" else "is not writable") in caplog.text
+    assert "Traceback" not in caplog.text
