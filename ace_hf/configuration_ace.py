@@ -22,7 +22,8 @@ ACE_PRESETS: dict[str, dict[str, Any]] = {
         "depths": [2, 2, 18, 2],
         "num_heads": [4, 8, 16, 32],
         "window_size": 7,
-        "drop_path_rate": 0.1,
+        "drop_path_rate": 0.2,  # the official Swin-B config's
+        "layer_norm_eps": 1e-5,  # Swin's (Microsoft, timm), so converted weights give the same outputs
     },
     "ace-vit-tiny": {
         "image_size": 128,
