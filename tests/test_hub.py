@@ -511,6 +511,8 @@ def test_pretraining_heads_of_a_hub_export(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_the_card_explains_remote_code_and_revision_pinning(tmp_path) -> None:
-    export_pretrained(AceModel(tiny_vit_config()), AceImageProcessor.from_ace_config(tiny_vit_config()), tmp_path)
+    export_pretrained(
+        AceModel(tiny_vit_config()), AceImageProcessor.from_ace_config(tiny_vit_config()), tmp_path
+    )
     card = (tmp_path / "README.md").read_text()
     assert "`trust_remote_code=True` runs the Python files" in card and 'revision="<commit sha>"' in card
