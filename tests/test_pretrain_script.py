@@ -322,8 +322,11 @@ from tests.test_pretrain_script import pretrain
 
 accelerator = Accelerator()
 loss = torch.tensor(float("nan") if accelerator.process_index == 0 else 1.0)
+guard = pretrain.StepGuard(accelerator.device)
+guard.observe(loss, step=7)
+guard.observe(torch.tensor(float("nan")), step=8)  # only the first non-finite step is reported
 try:
-    pretrain.stop_if_not_finite(accelerator, loss, step=7, last_checkpoint=None)
+    guard.check(accelerator, stop_requested=False, last_checkpoint=None)
 except FloatingPointError as error:
     Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(str(error))
 accelerator.end_training()  # destroy the process group: gloo aborts at exit otherwise
@@ -393,3 +396,34 @@ def test_continuing_from_an_export_loads_its_pretraining_heads(tmp_path, tiny_co
         f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {first}): "
         "expect the first epochs to re-learn them"
     ) in caplog.text
+
+
+def test_the_host_syncs_only_at_logging_and_checkpoint_steps(tmp_path, tiny_config_dir, monkeypatch) -> None:
+    """Non-finite losses and stop requests are gathered on the device and checked every --logging_steps steps
+    and before each checkpoint; a NaN is still reported at the step it happened, before any checkpoint."""
+    data = _write_images(tmp_path / "data", 8)
+    checked_at: list[int] = []
+    check = pretrain.StepGuard.check
+    monkeypatch.setattr(
+        pretrain.StepGuard,
+        "check",
+        lambda self, *args: checked_at.append(int(self.first_bad_step)) or check(self, *args),
+    )
+    extra = ("--max_steps", "7", "--logging_steps", "3", "--checkpointing_steps", "5")
+    pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    assert len(checked_at) == 4  # steps 3, 5 (checkpoint), 6, 7 (the end); not 7 syncs
+
+    original_forward = AceForPreTraining.forward
+    calls = {"n": 0}
+
+    def forward_that_diverges(self, *args, **kwargs):
+        result = original_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(AceForPreTraining, "forward", forward_that_diverges)
+    with pytest.raises(FloatingPointError, match=r"non-finite at optimizer step 1 .*no checkpoint yet"):
+        pretrain.main(_args(data, tiny_config_dir, tmp_path / "nan", *extra))
+    assert pretrain.checkpoint_dirs(tmp_path / "nan") == []
