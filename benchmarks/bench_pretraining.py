@@ -53,7 +53,7 @@ from transformers import PreTrainedModel, SwinModel, ViTConfig, ViTModel
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
 from ace_hf.correspondence_ace import correspondence_targets, sample_view_origins
 from ace_hf.modeling_ace import _swin_config
-from ace_hf.optimization import parameter_groups
+from ace_hf.optimization import make_optimizer
 from benchmarks.bench_correspondence import median_seconds
 
 try:
@@ -264,7 +264,7 @@ def benchmark_training(
     device = settings.device
     with device:  # parameters are created (and initialized) on the device: fast for ACE-B on a GPU
         model = AceForPreTraining(config).train()
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=1e-4)
+    optimizer = make_optimizer(model, 1e-4, device)
     batch = synthetic_batch(config, batch_size, device)
     both_views = torch.cat([batch["pixel_values_large"], batch["pixel_values_small"]])
     student, teacher = model.student.ace, model.teacher.ace

@@ -40,7 +40,7 @@ from ace_hf.hub import export_pretrained, pretraining_model_from_export, push_to
 from ace_hf.optimization import (
     AceSchedules,
     cancel_last_layer_gradients,
-    parameter_groups,
+    make_optimizer,
     scaled_learning_rate,
 )
 from ace_hf.runs import (
@@ -479,9 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_teacher_temperature_epochs=config.warmup_teacher_temperature_epochs,
         freeze_last_layer_epochs=args.freeze_last_layer_epochs,
     )
-    # The fused kernel updates every tensor in one pass (about 6x faster than foreach on this CPU).
-    fused = accelerator.device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=schedules.learning_rate_at(0), fused=fused)
+    optimizer = make_optimizer(model, schedules.learning_rate_at(0), accelerator.device)
     if args.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:

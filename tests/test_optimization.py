@@ -13,6 +13,7 @@ from ace_hf.optimization import (
     AceSchedules,
     cancel_last_layer_gradients,
     cosine_schedule,
+    make_optimizer,
     parameter_groups,
     scaled_learning_rate,
 )
@@ -138,3 +139,13 @@ def test_cancel_last_layer_gradients_keeps_the_layer_unchanged():
     for name, parameter in model.named_parameters():
         unchanged = torch.equal(parameter, before[name])
         assert unchanged == (name.startswith(("last_layer.", "frozen."))), name
+
+
+def test_make_optimizer_is_fused_adamw_over_the_parameter_groups() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = make_optimizer(model, 1e-3, torch.device("cpu"))
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["lr"] == 1e-3
+    assert [len(group["params"]) for group in optimizer.param_groups] == [
+        1,
+        3,
+    ]  # decayed weight; biases, norm
