@@ -1,11 +1,15 @@
-"""Property-based tests (hypothesis): the view geometry for any valid configuration and origins."""
+"""Property-based tests (hypothesis): the view geometry for any valid configuration and origins, and the image
+processor for any input a user may pass."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
+from ace_hf import AceImageProcessor
 from ace_hf.correspondence_ace import correspondence_targets, sample_view_origins
 
 
@@ -48,3 +52,53 @@ def test_every_target_pair_covers_the_same_image_cells(geometry: tuple[int, torc
         peaks = targets.composition[b].argmax(dim=1)
         covered = targets.overlap_large[b]
         assert torch.equal(small_blocks[peaks][covered], large_blocks[covered])
+
+
+NUMPY_DTYPES = [np.uint8, np.uint16, np.int16, np.int32, np.float16, np.float32, np.float64, np.bool_]
+
+
+@st.composite
+def any_image(draw) -> np.ndarray | torch.Tensor:
+    """Any array a user may pass: dtype, rank, channels (valid or not), size, values (NaN and inf included)."""
+    dtype = draw(st.sampled_from(NUMPY_DTYPES))
+    height, width = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    shape = draw(
+        st.sampled_from(
+            [(height, width), (height, width, 1), (height, width, 3), (height, width, 4), (height, width, 2)]
+            + [(height,), (2, height, width, 3)]
+        )
+    )
+    if dtype == np.bool_:
+        elements = st.booleans()
+    elif np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        elements = st.integers(int(info.min), int(info.max))
+    else:
+        elements = st.floats(width=16 if dtype == np.float16 else 32, allow_nan=True, allow_infinity=True)
+    array = draw(hnp.arrays(dtype, shape, elements=elements))
+    if draw(st.booleans()) and array.ndim in (2, 3) and dtype not in (np.uint16,):
+        return torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)
+    return array
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    image=any_image(),
+    mode=st.sampled_from(["resize", "shortest_edge_crop", "pad"]),
+    size=st.sampled_from([16, 32, {"height": 16, "width": 48}]),
+    num_channels=st.sampled_from([1, 3]),
+)
+def test_the_processor_gives_finite_pixels_of_the_size_or_a_value_error(
+    image, mode, size, num_channels
+) -> None:
+    processor = AceImageProcessor(size=16, cell_size=8, view_tokens=2, grid_size=4, num_channels=num_channels)
+    try:
+        pixels = processor(image, size=size, resize_mode=mode, return_tensors="pt")["pixel_values"]
+    except ValueError as error:
+        assert str(error), "a ValueError must say what is wrong"
+        event("refused")
+        return
+    event("processed")
+    side = size if isinstance(size, dict) else {"height": size, "width": size}
+    assert pixels.shape == (1, num_channels, side["height"], side["width"])
+    assert pixels.dtype == torch.float32 and torch.isfinite(pixels).all()
