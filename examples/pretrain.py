@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -44,6 +45,8 @@ from ace_hf.optimization import (
     scaled_learning_rate,
 )
 from ace_hf.runs import (
+    OutputDirError,
+    RunMismatchError,
     check_output_dir,
     check_resume,
     clear_previous_run,
@@ -676,4 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OutputDirError, RunMismatchError) as error:  # refused before anything was loaded: one line
+        sys.exit(f"error: {error}")
