@@ -54,7 +54,7 @@ BUILTIN_DATA_PREFIX = "built-in chest DRRs"
 # The evaluation section sits between these markers, so that push_to_hub can fill it in later.
 EVALUATION_START, EVALUATION_END = "<!-- ace-evaluation -->", "<!-- /ace-evaluation -->"
 
-CARD_TAGS = ["ace", "self-supervised", "medical-imaging", "chest-x-ray", "vision", "image-feature-extraction"]
+CARD_TAGS = ["ace", "self-supervised", "medical-imaging", "vision", "image-feature-extraction"]
 
 # Labels of the known `training_summary` keys (those examples/pretrain.py writes), in table order.
 SUMMARY_LABELS = {
@@ -126,7 +126,7 @@ def export_pretrained(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-feature-extraction",
-        tags=[*CARD_TAGS, encoder.config.backbone_type],
+        tags=[*CARD_TAGS, encoder.config.backbone_type, *_data_tags(training_summary or {})],
         license=license,
         datasets=[name for name in dataset_names or [] if _is_hub_id(name)] or None,
         base_model=base_model,
@@ -287,6 +287,11 @@ def _model_facts(encoder: AceModel) -> dict[str, Any]:
         "width": config.feature_dim,
         "num_parameters": f"{sum(param.numel() for param in encoder.parameters()):,}",
     }
+
+
+def _data_tags(summary: dict[str, Any]) -> list[str]:
+    """Tags that describe the pretraining data; only the built-in data is known to be chest X-rays."""
+    return ["chest-x-ray"] if str(summary.get("dataset", "")).startswith(BUILTIN_DATA_PREFIX) else []
 
 
 def _summary_facts(summary: dict[str, Any]) -> dict[str, Any]:

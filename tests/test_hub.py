@@ -163,7 +163,8 @@ def test_export_writes_weights_remote_code_and_model_card(exported) -> None:
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-feature-extraction"
-    assert {"ace", "self-supervised", "medical-imaging", "chest-x-ray", "vision"} <= set(card.data.tags)
+    assert {"ace", "self-supervised", "medical-imaging", "vision"} <= set(card.data.tags)
+    assert "chest-x-ray" not in card.data.tags  # only the built-in data is known to be chest X-rays
     assert card.data.license == "apache-2.0"
     assert card.data.datasets == ["example/chest-xrays"]
     for text in [
@@ -392,6 +393,7 @@ def test_card_flags_the_builtin_data_and_smoke_tests(tmp_path: Path) -> None:
     )
     text = (folder / "README.md").read_text()
     assert "The default model comes from one CT volume" in text
+    assert "chest-x-ray" in ModelCard.load(folder / "README.md").data.tags
     assert "Smoke test" in text and "it stopped after 150 of 360 planned optimizer steps" in text
     assert "No evaluation results were attached" in text
 
