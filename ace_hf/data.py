@@ -1,5 +1,8 @@
 """Pretraining data: any image dataset in, ACE view pairs out; unreadable files skipped and counted.
 
+ViewPairCollator cuts the views in the DataLoader workers. ImageBatchCollator stops halfway (windowed images
+and the random view parameters) so that `cut_batch_views` cuts them on the training device.
+
 Training-side module: never imported by the files that travel to the Hub.
 """
 
@@ -8,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,19 +164,41 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-@dataclass
-class ViewPairCollator:
-    """Decode a batch, skip unreadable images, and cut ACE view pairs with per-example seeds.
+class ImageBatchCollator:
+    """Decode a batch, skip unreadable images, and draw each example's view parameters from its own seed.
 
-    A bad image is replaced by another good image of the same batch, so every process keeps the same batch
-    size (a DDP requirement); its name is reported in `skipped`. Set `epoch` before each epoch's iterator.
+    The CPU half of the view pipeline, for DataLoader workers: it returns the windowed images cut to their jitter
+    boxes (each side at most the grid side S: `AceImageProcessor.view_sources`) and zero-padded, with every random
+    choice (`AceImageProcessor.draw_view_parameters`), so that `cut_batch_views` cuts the views on the training
+    device. ViewPairCollator cuts them here instead. A bad image is replaced by another good image of the same
+    batch, so every process keeps the same batch size (a DDP requirement); its name is reported in `skipped`, and
+    the filler draws its views from the skipped example's seed. Set `epoch` before each epoch's iterator.
     """
 
-    processor: AceImageProcessor
-    image_column: str = "image"
-    seed: int = 0
-    epoch: int = 0
-    warned_small: bool = False
+    def __init__(
+        self,
+        processor: AceImageProcessor,
+        image_column: str = "image",
+        seed: int = 0,
+        epoch: int = 0,
+        downsample: bool = True,
+    ) -> None:
+        self.processor = processor
+        self.image_column = image_column
+        self.seed = seed
+        self.downsample = downsample
+        self.warned_small = False
+        # In shared memory: persistent DataLoader workers keep the copy of the collator made when they started,
+        # and see a later `collator.epoch = e` only through it (datasets' IterableDataset does the same).
+        self._epoch = torch.tensor(epoch).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def _warn_if_small(self, image: torch.Tensor, name: str) -> None:
         """Images below the jitter grid are upsampled (views then hold less detail than the model sees):
@@ -187,12 +211,16 @@ class ViewPairCollator:
                 "the views are cut from: such images are upsampled (this warning is shown once)."
             )
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _decode(
+        self, examples: list[dict[str, Any]]
+    ) -> tuple[list[torch.Tensor], list[int], list[int], list[str]]:
+        """Windowed images (grayscale kept in one channel), the example index seeding each one's views (fillers
+        included), the sample ids (-1 for fillers) and the names of the skipped files."""
         images, indices, skipped, skipped_indices = [], [], [], []
         for example in examples:
             value, index = example[self.image_column], int(example["index"])
             try:
-                images.append(self.processor.to_unit_float(decode_image(value)))
+                images.append(self.processor.to_unit_float(decode_image(value), keep_gray=True))
                 indices.append(index)
                 self._warn_if_small(images[-1], example_name(value, index))
             except Exception as error:  # any unreadable file (PIL, pydicom, windowing) is skipped, not fatal
@@ -205,17 +233,53 @@ class ViewPairCollator:
         for filler, index in enumerate(skipped_indices):  # a donor image, seeded by the skipped example
             images.append(images[filler % good])
             indices.append(index)
-        views = [
-            self.processor.sample_views(
-                [image],
+        return images, indices, sample_ids, skipped
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        images, indices, sample_ids, skipped = self._decode(examples)
+        per_example = [
+            self.processor.draw_view_parameters(
+                [image.shape[-2:]],
                 generator=torch.Generator().manual_seed(example_seed(self.seed, self.epoch, index)),
             )
             for image, index in zip(images, indices, strict=True)
         ]
+        parameters = {
+            key: torch.cat([drawn[key] for drawn in per_example])
+            if isinstance(per_example[0][key], torch.Tensor)
+            else [item for drawn in per_example for item in drawn[key]]
+            for key in per_example[0]
+        }
+        sources, parameters["crop_boxes"] = self.processor.view_sources(
+            images, parameters["crop_boxes"], downsample=self.downsample
+        )
         return {
-            "pixel_values_large": torch.cat([view["pixel_values_large"] for view in views]),
-            "pixel_values_small": torch.cat([view["pixel_values_small"] for view in views]),
-            "view_origins": torch.cat([view["view_origins"] for view in views]),
+            "images": sources,
+            "view_parameters": parameters,
             "sample_ids": torch.tensor(sample_ids),
             "skipped": skipped,
         }
+
+
+def cut_batch_views(
+    processor: AceImageProcessor, batch: dict[str, Any], device: torch.device | str
+) -> dict[str, Any]:
+    """The views of an ImageBatchCollator batch, cut on `device`: the model inputs that ViewPairCollator gives.
+
+    Tensors are sent without blocking the host (from pinned memory the copy overlaps the work in flight);
+    the crop boxes stay Python ints.
+    """
+    parameters = {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch["view_parameters"].items()
+    }
+    views = processor.cut_views(batch["images"].to(device, non_blocking=True), **parameters)
+    return {**views, "sample_ids": batch["sample_ids"], "skipped": batch["skipped"]}
+
+
+class ViewPairCollator(ImageBatchCollator):
+    """ImageBatchCollator that also cuts the views, on the CPU (in the DataLoader workers): model inputs
+    `pixel_values_large`, `pixel_values_small`, `view_origins`, with `sample_ids` and `skipped`."""
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return cut_batch_views(self.processor, super().__call__(examples), "cpu")

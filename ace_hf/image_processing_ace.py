@@ -6,17 +6,20 @@ windows by dtype into [0, 1] first and then produces the model's channel count.
 
 Inference (`__call__` / `preprocess`) windows, fits the image to `size` by `resize_mode` and normalizes; it
 applies no augmentation. `sample_views` cuts ACE's grid-aligned large / small view pair (see
-correspondence_ace) for pretraining, with its own geometry and augmentation (the `pretraining` settings).
+correspondence_ace) for pretraining, with its own geometry and augmentation (the `pretraining` settings), in two
+halves: a cheap CPU one (`draw_view_parameters`, `view_sources`: every random draw, the windowed images) and a
+batched one (`cut_views`) that pretraining runs on its accelerator (`--views_on_device`). Both live here, in
+plain torch, so that `sample_views` and training cut views with one implementation.
 
 This file travels to the Hub as remote code: it imports only the standard library, torch, numpy and
-transformers; PIL and torchvision come only inside transformers' availability checks.
+transformers; PIL comes only inside transformers' availability check.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import is_pil_image
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import is_torchvision_available, is_vision_available, logging
+from transformers.utils import is_vision_available, logging
 
 from .configuration_ace import AceConfig
 from .correspondence_ace import sample_view_origins, view_geometry_problems
@@ -35,13 +38,13 @@ if is_vision_available():
     import PIL.Image
     import PIL.ImageOps
 
-if is_torchvision_available():
-    from torchvision.transforms.v2 import functional as tvF
-
 logger = logging.get_logger(__name__)
 
 # ITU-R 601-2 luma weights, the same as PIL's convert("L").
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+# The gray level that torchvision's adjust_contrast blends RGB images with (its rgb_to_grayscale weights).
+CONTRAST_LUMA = (0.2989, 0.587, 0.114)
 
 # Value of the border added by resize_mode="pad", in [0, 1] before normalization: black, the value of air and
 # of the letterbox borders X-ray datasets already have (after normalization it is -image_mean / image_std).
@@ -177,14 +180,144 @@ def equalize_local_contrast(
     return torch.lerp(top, bottom, weight_y).reshape(batch, channels, height, width)
 
 
-def resize_unit(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic antialiased resize of [C, H, W] in [0, 1], clamped (bicubic overshoots); same size is kept."""
+# ----------------------------------------------------------------------------------------- batched view ops
+# `AceImageProcessor.cut_views` runs these on the training device, on [B, C, H, W] views in [0, 1] with one
+# parameter per view ([B] tensors). Only elementwise arithmetic, gathers and exact integer sums: no convolution
+# (cuDNN would run float32 convolutions in TF32 on recent GPUs), no float reduction whose order depends on the
+# batch, no host sync. So a view comes out the same whatever batch it is cut in, on any device.
+
+
+def per_view(values: torch.Tensor) -> torch.Tensor:
+    """[B] parameters as [B, 1, 1, 1], to broadcast over [B, C, H, W] views."""
+    return values.reshape(-1, 1, 1, 1)
+
+
+def shifted_sum(padded: torch.Tensor, weights: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """A per-view 1-D correlation along `dim`: sum over k of weights[:, k] * padded.narrow(dim, k, length)."""
+    total = padded.narrow(dim, 0, length) * per_view(weights[:, 0])
+    for k in range(1, weights.shape[1]):
+        total = total + padded.narrow(dim, k, length) * per_view(weights[:, k])
+    return total
+
+
+def exact_mean(values: torch.Tensor) -> torch.Tensor:
+    """Per-view mean of [B, ...] values in [0, 1], summed exactly in 2^-24 fixed point (integers add in any
+    order to the same total): a float sum's rounding would depend on the batch size and the device's kernel."""
+    fixed = (values * 2**24).round().long().flatten(1).sum(1)
+    return fixed.float() / (values[0].numel() * 2**24)
+
+
+def select_views(
+    selected: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor
+) -> torch.Tensor:
+    """`op(views)` for the selected views ([B] bool), the others unchanged.
+
+    On the CPU only the selected views are computed. On an accelerator every view is and torch.where keeps the
+    selected ones: indexing by a boolean mask would make the host wait for the device.
+    """
+    if views.device.type != "cpu":
+        return torch.where(per_view(selected), op(views), views)
+    views = views.clone()
+    if selected.any():
+        views[selected] = op(views[selected])
+    return views
+
+
+def batched_adjust_brightness(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness with one factor per view (1 = unchanged)."""
+    return (views * per_view(factors)).clamp(0, 1)
+
+
+def batched_adjust_contrast(views: torch.Tensor, factors: torch.Tensor, rgb: bool) -> torch.Tensor:
+    """torchvision's adjust_contrast with one factor per view: blend with the view's mean gray level.
+
+    `rgb`: the views are (or, with one channel, stand for) RGB images, whose gray level torchvision takes with
+    its luma weights; a one-channel view is then a gray image replicated to three channels.
+    """
+    if rgb:
+        red, green, blue = views.expand(-1, 3, -1, -1).unbind(1)
+        gray = red.mul(CONTRAST_LUMA[0]).add(green, alpha=CONTRAST_LUMA[1]).add(blue, alpha=CONTRAST_LUMA[2])
+    else:
+        gray = views
+    mean = per_view(exact_mean(gray))
+    return (views * per_view(factors) + (1 - per_view(factors)) * mean).clamp(0, 1)
+
+
+def batched_gaussian_blur(
+    views: torch.Tensor, sigmas: torch.Tensor, radii: torch.Tensor, max_radius: int
+) -> torch.Tensor:
+    """torchvision's gaussian_blur with one sigma and kernel radius per view (radius 0 = unchanged).
+
+    Every kernel is padded to `max_radius` with zero taps; the views are reflect-padded like torchvision does
+    (a reflected pixel does not depend on the padding width). Separable: rows, then columns.
+    """
+    offsets = torch.arange(-max_radius, max_radius + 1, device=views.device, dtype=views.dtype)
+    logits = -(((offsets / math.sqrt(2)) / sigmas[:, None]) ** 2)
+    kernels = logits.masked_fill(offsets.abs() > radii[:, None], -math.inf).exp()
+    total = kernels[:, 0]
+    for k in range(1, kernels.shape[1]):  # term by term, like every sum here: no batch-dependent order
+        total = total + kernels[:, k]
+    kernels = kernels / total[:, None]
+    height, width = views.shape[-2:]
+    padded = F.pad(views, (max_radius,) * 4, mode="reflect")
+    return shifted_sum(shifted_sum(padded, kernels, -2, height), kernels, -1, width)
+
+
+def batched_adjust_sharpness(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_sharpness with one factor per view (1 = unchanged): blend the view's interior with
+    its smoothed version ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13); the one-pixel border is kept."""
+    height, width = views.shape[-2:]
+    if height <= 2 or width <= 2:
+        return views
+    ones = views.new_ones(views.shape[0], 3)
+    box = shifted_sum(shifted_sum(views, ones, -2, height - 2), ones, -1, width - 2)
+    inner = views[..., 1:-1, 1:-1]
+    smoothed = (box + 4 * inner) / 13
+    sharpened = views.clone()
+    sharpened[..., 1:-1, 1:-1] = inner + (1 - per_view(factors)) * (smoothed - inner)
+    return sharpened.clamp(0, 1)
+
+
+def cut_cells(
+    images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, cells: int, cell: int
+) -> torch.Tensor:
+    """The `cells x cells` cells from cell (rows[b], cols[b]) of each [B, C, H, W] image: two batched gathers."""
+    span = torch.arange(cells * cell, device=images.device)
+    channels, width = images.shape[1], images.shape[-1]
+    row_index = (rows[:, None] * cell + span)[:, None, :, None].expand(-1, channels, -1, width)
+    picked = images.gather(2, row_index)
+    col_index = (cols[:, None] * cell + span)[:, None, None, :].expand(-1, channels, cells * cell, -1)
+    return picked.gather(3, col_index)
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack [C, H, W] images of any sizes into one [B, C, H_max, W_max] batch, zero-padded at the bottom and
+    right; one-channel images are replicated when others have more channels."""
+    channels = max(image.shape[0] for image in images)
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    batch = images[0].new_zeros(len(images), channels, height, width)
+    for slot, image in zip(batch, images, strict=True):
+        slot[:, : image.shape[1], : image.shape[2]] = image
+    return batch
+
+
+def resize_bicubic(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic antialiased resize of [C, H, W], not clamped; same size is kept.
+
+    Unclamped so that resizing one axis here and the other later (`AceImageProcessor.view_sources`) equals one
+    resize of both: the antialiased kernel is separable and leaves an axis of unchanged size as it is.
+    """
     if pixels.shape[-2:] == (height, width):
         return pixels
-    resized = F.interpolate(
+    return F.interpolate(
         pixels[None], size=(height, width), mode="bicubic", antialias=True, align_corners=False
-    )
-    return resized[0].clamp(0, 1)
+    )[0]
+
+
+def resize_unit(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic antialiased resize of [C, H, W] in [0, 1], clamped (bicubic overshoots)."""
+    return resize_bicubic(pixels, height, width).clamp(0, 1)
 
 
 def resize_and_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -393,7 +526,7 @@ class AceImageProcessor(BaseImageProcessor):
 
     # ----------------------------------------------------------------------------------------- loading
 
-    def to_unit_float(self, image: Any) -> torch.Tensor:
+    def to_unit_float(self, image: Any, keep_gray: bool = False) -> torch.Tensor:
         """Load one image and window it into float32 [num_channels, H, W] in [0, 1].
 
         Accepts a file path (str or Path, anything PIL reads), a PIL image of any mode, a numpy array
@@ -406,7 +539,8 @@ class AceImageProcessor(BaseImageProcessor):
           X-ray in uint16 fills [0, 1]);
         - constant images that would need min-max: zeros.
         Then the alpha channel is dropped, grayscale is repeated to 3 channels or RGB turned into luminance
-        (ITU-R 601-2) to match `num_channels`.
+        (ITU-R 601-2) to match `num_channels`. `keep_gray` keeps grayscale in one channel: `cut_views` works on it
+        and replicates it last (a third of the work and of the host-to-device traffic).
 
         Raises:
             ValueError: naming the file or the problem, for missing or unreadable files, NaN / inf values,
@@ -416,7 +550,7 @@ class AceImageProcessor(BaseImageProcessor):
         pixels = torch.from_numpy(self._window(array, name)).permute(2, 0, 1)
         if pixels.shape[0] == 4:
             pixels = pixels[:3]
-        if pixels.shape[0] == 1 and self.num_channels == 3:
+        if pixels.shape[0] == 1 and self.num_channels == 3 and not keep_gray:
             pixels = pixels.expand(3, -1, -1)
         elif pixels.shape[0] == 3 and self.num_channels == 1:
             pixels = torch.einsum("chw,c->hw", pixels, torch.tensor(LUMA_WEIGHTS)).clamp(0, 1)[None]
@@ -479,6 +613,13 @@ class AceImageProcessor(BaseImageProcessor):
             return array.astype(np.float32) / 255
         if array.dtype.kind not in "iuf":
             raise ValueError(f"{name}: unsupported dtype {array.dtype}")
+        if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:
+            # Up to 16 bits, x - low and high - low are exact in float32 and one IEEE division rounds the true
+            # quotient, as float64 then float32 does: the same values at a fifth of the time.
+            low, high = array.min(), array.max()
+            if high == low:
+                return np.zeros(array.shape, dtype=np.float32)
+            return (array.astype(np.float32) - np.float32(low)) / np.float32(int(high) - int(low))
         values = array.astype(np.float64)
         if array.dtype.kind == "f" and not np.isfinite(values).all():
             raise ValueError(f"{name}: contains NaN or infinite values")
@@ -539,9 +680,18 @@ class AceImageProcessor(BaseImageProcessor):
         return images
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32).reshape(-1, 1, 1)
-        return (pixels - mean) / std
+        """(pixels - mean) / std per channel of [B, C, H, W], one channel replicated to num_channels; with Python
+        scalars, so that no small tensor is copied to the device."""
+        channels = pixels.expand(-1, self.num_channels, -1, -1)
+        means = np.broadcast_to(self.image_mean, self.num_channels)
+        stds = np.broadcast_to(self.image_std, self.num_channels)
+        return torch.stack(
+            [
+                (channel - float(mean)) / float(std)
+                for channel, mean, std in zip(channels.unbind(1), means, stds, strict=True)
+            ],
+            dim=1,
+        )
 
     # ----------------------------------------------------------------------------------------- pretraining
 
@@ -560,76 +710,183 @@ class AceImageProcessor(BaseImageProcessor):
         small view is the image under cells [R2, R2 + n) x [C2, C2 + n). Each view is then augmented on its
         own (no geometric changes, they would break the correspondence) and normalized. `view_origins` is
         LongTensor [B, 4] = (R1, C1, R2, C2) in cells. Every random draw uses `generator`.
+
+        The two halves of the training pipeline, chained on the CPU: `draw_view_parameters` + `view_sources`
+        (what DataLoader workers do) and `cut_views` (what the training device does with `--views_on_device`).
         """
-        if not is_torchvision_available():
-            raise ImportError("AceImageProcessor.sample_views needs torchvision")
-        images = self._as_list(images)
-        n, cell = self.view_tokens, self.cell_size
-        side = self.grid_size * cell
-        origins = sample_view_origins(len(images), self.grid_size, n, self.min_overlap, generator=generator)
-        large, small = [], []
-        for image, (row1, col1, row2, col2) in zip(images, origins.tolist(), strict=True):
-            pixels = self.to_unit_float(image)
-            if do_jitter:
-                box = random_resized_crop_box(
-                    *pixels.shape[-2:], self.jitter_scale, self.jitter_ratio, generator
-                )
-                pixels = tvF.resized_crop(
-                    pixels, *box, [side, side], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True
-                ).clamp(0, 1)
-            else:
-                pixels = resize_unit(pixels, side, side)
-            large.append(pixels[:, row1 * cell : (row1 + 2 * n) * cell, col1 * cell : (col1 + 2 * n) * cell])
-            small.append(pixels[:, row2 * cell : (row2 + n) * cell, col2 * cell : (col2 + n) * cell])
-        views = {
-            "pixel_values_large": F.avg_pool2d(torch.stack(large), 2),
-            "pixel_values_small": torch.stack(small),
+        pixels = [self.to_unit_float(image, keep_gray=True) for image in self._as_list(images)]
+        parameters = self.draw_view_parameters(
+            [image.shape[-2:] for image in pixels], do_augment, do_jitter, generator
+        )
+        sources, crop_boxes = self.view_sources(pixels, parameters["crop_boxes"])
+        return self.cut_views(sources, **{**parameters, "crop_boxes": crop_boxes})
+
+    def draw_view_parameters(
+        self,
+        sizes: Sequence[Sequence[int]],
+        do_augment: bool = True,
+        do_jitter: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """Every random choice behind the view pairs of images of these (height, width) sizes, from `generator`.
+
+        The draws and their order are those `sample_views` has always made (so one seed gives the same views):
+        the view origins of all images, each image's jitter box, then per view (all large views, then all small
+        ones) the augmentation flags and strengths. Returns the keyword arguments of `cut_views`:
+        `view_origins` [B, 4]; `crop_boxes`, a list of (top, left, height, width) in each image's pixels (the
+        whole image without jitter); with `do_augment`, per view ([B, 2]: large, small) `local_contrast`
+        (bool), `brightness_factors`, `contrast_factors`, `sharpness_factors` (1 = unchanged), `blur_sigmas` and
+        `blur_radii` (0 = unblurred). The factors are worked out in float64, as Python floats were.
+        """
+        count = len(sizes)
+        parameters: dict[str, Any] = {
+            "view_origins": sample_view_origins(
+                count, self.grid_size, self.view_tokens, self.min_overlap, generator=generator
+            )
         }
-        for key, pixels in views.items():
-            views[key] = self._normalize(self._augment(pixels, generator) if do_augment else pixels)
-        return BatchFeature({**views, "view_origins": origins}, tensor_type="pt")
+        parameters["crop_boxes"] = [
+            random_resized_crop_box(int(height), int(width), self.jitter_scale, self.jitter_ratio, generator)
+            if do_jitter
+            else (0, 0, int(height), int(width))
+            for height, width in sizes
+        ]
+        if do_augment:
+            large, small = (self._draw_augmentation(count, generator) for _ in range(2))
+            parameters.update({key: torch.stack([large[key], small[key]], dim=1) for key in large})
+        return parameters
 
-    def _augment(self, views: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Photometric augmentation of [B, C, H, W] views in [0, 1], drawn per view from `generator`.
-
-        Local contrast equalization runs first (it remaps intensities, so it would undo what comes before),
-        then brightness / contrast, Gaussian blur, sharpening.
-        """
-        probs = torch.tensor(
+    def _draw_augmentation(self, count: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Augmentation parameters of `count` views: flags, then strengths, each op's identity where unflagged."""
+        probabilities = torch.tensor(
             [self.local_contrast_prob, self.brightness_contrast_prob, self.blur_prob, self.sharpen_prob]
         )
-        apply = torch.rand(views.shape[0], 4, generator=generator) < probs
-        strength = torch.rand(views.shape[0], 4, generator=generator)
-        views = views.clone()
-        equalize = apply[:, 0]
-        if equalize.any():
-            views[equalize] = equalize_local_contrast(
-                views[equalize], self.local_contrast_tiles, self.local_contrast_clip
+        apply = torch.rand(count, 4, generator=generator) < probabilities
+        brightness, contrast, sigma, sharpness = torch.rand(count, 4, generator=generator).double().unbind(1)
+        sigma = self.blur_sigma[0] + sigma * (self.blur_sigma[1] - self.blur_sigma[0])
+        return {
+            "local_contrast": apply[:, 0],
+            "brightness_factors": torch.where(
+                apply[:, 1], 1 + self.brightness * (2 * brightness - 1), 1.0
+            ).float(),
+            "contrast_factors": torch.where(apply[:, 1], 1 + self.contrast * (2 * contrast - 1), 1.0).float(),
+            "blur_sigmas": sigma.float(),
+            "blur_radii": torch.where(
+                apply[:, 2], (3 * sigma).ceil().clamp(max=self._max_blur_radius()), 0
+            ).long(),
+            "sharpness_factors": torch.where(
+                apply[:, 3], self.sharpness[0] + sharpness * (self.sharpness[1] - self.sharpness[0]), 1.0
+            ).float(),
+        }
+
+    def _max_blur_radius(self) -> int:
+        """Largest Gaussian kernel radius: 3 sigma, below the view side (reflect padding needs it)."""
+        return min(math.ceil(3 * self.blur_sigma[1]), self.view_tokens * self.cell_size - 1)
+
+    def view_sources(
+        self, images: Sequence[torch.Tensor], crop_boxes: Sequence[Sequence[int]], downsample: bool = True
+    ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """The batch `cut_views` reads: windowed [C, H, W] images zero-padded to one size, and their crop boxes.
+
+        With `downsample`, each image is first cut to its jitter box and each side of that crop longer than the
+        grid side S shrunk to S (bicubic, antialiased), so no image sent to the device is over S x S (a 2048 px
+        radiograph: 4 MB in float32 instead of 16). The box becomes the whole shrunk crop, exactly. Nothing is
+        approximated: along each axis one resize happens, here (down to S) or in `cut_views` (up to S), and
+        the kernel is separable, so the views equal those without `downsample` up to float rounding.
+        """
+        if not downsample:
+            return pad_images(images), [tuple(box) for box in crop_boxes]
+        side = self.grid_size * self.cell_size
+        crops = [
+            resize_bicubic(
+                image[:, top : top + height, left : left + width], min(height, side), min(width, side)
             )
-        max_radius = min(views.shape[-2:]) - 1  # reflect padding needs a radius below the view side
-        for i in range(views.shape[0]):
-            brightness, contrast, sigma, sharpness = strength[i].tolist()
-            if apply[i, 1]:
-                views[i] = tvF.adjust_brightness(views[i], 1 + self.brightness * (2 * brightness - 1))
-                views[i] = tvF.adjust_contrast(views[i], 1 + self.contrast * (2 * contrast - 1))
-            if apply[i, 2]:
-                sigma = self.blur_sigma[0] + sigma * (self.blur_sigma[1] - self.blur_sigma[0])
-                kernel = 2 * min(math.ceil(3 * sigma), max_radius) + 1
-                views[i] = tvF.gaussian_blur(views[i], [kernel, kernel], [sigma, sigma])
-            if apply[i, 3]:
-                factor = self.sharpness[0] + sharpness * (self.sharpness[1] - self.sharpness[0])
-                views[i] = tvF.adjust_sharpness(views[i], factor)
-        return views
+            for image, (top, left, height, width) in zip(images, crop_boxes, strict=True)
+        ]
+        return pad_images(crops), [(0, 0, *crop.shape[-2:]) for crop in crops]
+
+    def cut_views(
+        self,
+        images: torch.Tensor,
+        crop_boxes: Sequence[Sequence[int]],
+        view_origins: torch.Tensor,
+        **augmentation: torch.Tensor,
+    ) -> BatchFeature:
+        """Cut, augment and normalize the view pairs of a batch on its device: the output of `sample_views`.
+
+        `images` [B, 1 or num_channels, H, W] in [0, 1] (`view_sources`); the other arguments come from
+        `draw_view_parameters`, tensors on the images' device, `crop_boxes` as Python ints (they set each
+        resize's shape, so they stay on the host). Per image, its crop is resized to S x S (a loop over the
+        batch: PyTorch's antialiased bicubic kernel, the one `sample_views` always used, has no batched form for
+        crops of different sizes); the rest is batched: both views cut by cell gathers, the large one pooled
+        2 x 2, augmentation with per-view parameters, normalization. Computed in float32 with autocast off, so
+        mixed precision cannot change the views. Nothing is drawn at random here.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            side = self.grid_size * self.cell_size
+            jittered = torch.stack(
+                [
+                    resize_unit(image[:, top : top + height, left : left + width], side, side)
+                    for image, (top, left, height, width) in zip(images.float(), crop_boxes, strict=True)
+                ]
+            )
+            n, cell = self.view_tokens, self.cell_size
+            views = {
+                "pixel_values_large": F.avg_pool2d(
+                    cut_cells(jittered, view_origins[:, 0], view_origins[:, 1], 2 * n, cell), 2
+                ),
+                "pixel_values_small": cut_cells(jittered, view_origins[:, 2], view_origins[:, 3], n, cell),
+            }
+            for position, key in enumerate(views):
+                if augmentation:
+                    views[key] = self._augment(
+                        views[key], **{name: value[:, position] for name, value in augmentation.items()}
+                    )
+                views[key] = self._normalize(views[key])
+        return BatchFeature({**views, "view_origins": view_origins})
+
+    def _augment(
+        self,
+        views: torch.Tensor,
+        local_contrast: torch.Tensor,
+        brightness_factors: torch.Tensor,
+        contrast_factors: torch.Tensor,
+        blur_sigmas: torch.Tensor,
+        blur_radii: torch.Tensor,
+        sharpness_factors: torch.Tensor,
+    ) -> torch.Tensor:
+        """Photometric augmentation of [B, C, H, W] views in [0, 1], one parameter per view.
+
+        Local contrast equalization runs first (it remaps intensities, so it would undo what comes before),
+        then brightness / contrast, Gaussian blur, sharpening. An op a view is not drawn for leaves it as it is.
+        """
+        views = select_views(
+            local_contrast,
+            lambda selected: equalize_local_contrast(
+                selected, self.local_contrast_tiles, self.local_contrast_clip
+            ),
+            views,
+        )
+        views = batched_adjust_brightness(views, brightness_factors)
+        views = batched_adjust_contrast(views, contrast_factors, rgb=self.num_channels == 3)
+        views = batched_gaussian_blur(views, blur_sigmas, blur_radii, self._max_blur_radius())
+        return batched_adjust_sharpness(views, sharpness_factors)
 
 
 __all__ = [
     "PAD_VALUE",
     "RESIZERS",
     "AceImageProcessor",
+    "batched_adjust_brightness",
+    "batched_adjust_contrast",
+    "batched_adjust_sharpness",
+    "batched_gaussian_blur",
+    "cut_cells",
     "equalize_local_contrast",
+    "pad_images",
     "random_resized_crop_box",
     "resize_and_crop",
     "resize_and_pad",
+    "resize_bicubic",
     "resize_unit",
 ]
 

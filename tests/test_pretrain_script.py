@@ -209,6 +209,21 @@ def test_crashed_run_resumes_from_the_last_checkpoint_with_the_same_weights(
     _assert_same_weights(output, expected)
 
 
+def test_views_on_device_train_and_resume_bit_identically(tmp_path, resume_setup, monkeypatch) -> None:
+    """--views_on_device on the CPU: the workers only decode and draw, the loop cuts the views. Same seeds, same
+    views: interrupted at step 5 and resumed, the run ends with the weights of the uninterrupted run that cut its
+    views in the data pipeline."""
+    data, config_dir, expected = resume_setup
+    output = tmp_path / "on_device"
+    _interrupt_at_update(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    summary = pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, "--views_on_device"))
+    monkeypatch.undo()
+    assert summary["interrupted"] and summary["steps"] == 5
+    resume = ("--views_on_device", "--resume_from_checkpoint", "latest")
+    assert pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, *resume))["steps"] == 6
+    _assert_same_weights(output, expected)
+
+
 def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
