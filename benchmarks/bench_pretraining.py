@@ -13,8 +13,9 @@
 2. the step's FLOPs (torch's FlopCounterMode) over its time, and over a matmul peak measured here (MFU);
 3. the correspondence targets as a fraction of the step;
 4. the peak device memory of a step with and without gradient checkpointing (CUDA only);
-5. view generation (a data-loader worker's work per image, without file decoding) on one CPU thread, on
-   synthetic 16-bit radiographs, and how many such workers it takes to feed one device;
+5. view generation on synthetic 16-bit radiographs (file decoding aside), both ways: all on a data-loader
+   worker (one CPU thread), or the worker's half there and the batched rest on the device; and how many
+   workers it takes to feed one device each way;
 6. inference: AceModel against transformers' ViTModel (SwinModel for Swin) and timm's model of the same
    shape, and AceModel with SDPA against eager attention.
 
@@ -52,6 +53,7 @@ from transformers import PreTrainedModel, SwinModel, ViTConfig, ViTModel
 
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
 from ace_hf.correspondence_ace import correspondence_targets, sample_view_origins
+from ace_hf.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
 from ace_hf.modeling_ace import _swin_config
 from ace_hf.optimization import make_optimizer
 from benchmarks.bench_correspondence import median_seconds
@@ -353,18 +355,9 @@ def synthetic_radiographs(count: int, side: int, seed: int = 0) -> list[np.ndarr
     return [image[0].numpy().astype(np.uint16) for image in scaled]
 
 
-def cut_views(processor: AceImageProcessor, images: list[np.ndarray], augment: bool) -> torch.Tensor:
-    """A worker's work for one batch, as ace_hf.data.ViewPairCollator does it: window each image, cut its
-    view pair with its own seeded generator, concatenate."""
-    views = [
-        processor.sample_views(
-            [processor.to_unit_float(image)],
-            do_augment=augment,
-            generator=torch.Generator().manual_seed(index),
-        )
-        for index, image in enumerate(images)
-    ]
-    return torch.cat([view["pixel_values_large"] for view in views])
+def as_examples(images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Decoded arrays as dataset rows, so the collators run as in a DataLoader worker (file decoding aside)."""
+    return [{"index": index, "image": image} for index, image in enumerate(images)]
 
 
 def source_side(config: AceConfig) -> int:
@@ -377,37 +370,43 @@ def source_side(config: AceConfig) -> int:
 def benchmark_views(
     config: AceConfig, settings: Settings, step_images_per_s: float | None, cache: dict[str, dict]
 ) -> dict[str, Any]:
-    """View pairs per second on ONE CPU thread, with and without augmentation, and the workers one device
-    needs. Presets with the same processor settings share one measurement."""
+    """View generation, both ways, side by side: all on a CPU worker (ViewPairCollator), or split into the
+    worker's half (ImageBatchCollator: window, draw the parameters, shrink the jitter crops) and the device's
+    (cut_batch_views on the benchmark device). Workers run on ONE CPU thread each; the device half times a batch.
+    Presets with the same processor settings share one measurement."""
     processor = AceImageProcessor.from_ace_config(config)
     side = source_side(config)
-    key = f"{processor.to_json_string()}|{side}"
+    key = f"{processor.to_json_string()}|{side}|{settings.device}"
     if key not in cache:
-        images = synthetic_radiographs(2 if settings.quick else 4, side)
+        examples = as_examples(synthetic_radiographs(2 if settings.quick else 4, side))
+        on_cpu, on_device = ViewPairCollator(processor), ImageBatchCollator(processor)
+        worker_batch = on_device(examples)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             # Seconds per round on a CPU: a few rounds give a steady median.
-            on_cpu = replace(settings, device=torch.device("cpu"), warmup=0, repeats=min(settings.repeats, 3))
+            cpu = replace(settings, device=torch.device("cpu"), warmup=0, repeats=min(settings.repeats, 3))
             seconds = timed(
-                {
-                    "augmented": lambda: cut_views(processor, images, augment=True),
-                    "plain": lambda: cut_views(processor, images, augment=False),
-                },
-                on_cpu,
+                {"cpu_path": lambda: on_cpu(examples), "worker_half": lambda: on_device(examples)}, cpu
             )
         finally:
             torch.set_num_threads(threads)
+        with settings.autocast():
+            seconds |= timed(
+                {"device_half": lambda: cut_batch_views(processor, worker_batch, settings.device)}, settings
+            )
         cache[key] = {
             "source_side": side,
-            "images": len(images),
-            "augmented_images_per_s": len(images) / seconds["augmented"],
-            "plain_images_per_s": len(images) / seconds["plain"],
+            "images": len(examples),
+            **{f"{part}_images_per_s": len(examples) / seconds[part] for part in seconds},
         }
     views = dict(cache[key])
     known = step_images_per_s is not None  # unknown when the training part failed
-    views["workers_needed"] = step_images_per_s / views["augmented_images_per_s"] if known else None
-    views["workers_needed_plain"] = step_images_per_s / views["plain_images_per_s"] if known else None
+    for part in ("cpu_path", "worker_half"):
+        views[f"workers_needed_{part}"] = step_images_per_s / views[f"{part}_images_per_s"] if known else None
+    views["device_half_fraction_of_step"] = (
+        step_images_per_s / views["device_half_images_per_s"] if known else None
+    )
     return views
 
 
@@ -614,14 +613,23 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ),
     ("synthetic 16-bit source image (px)", "views", lambda r: f"{r['views']['source_side']}"),
     (
-        "view pairs / s on 1 CPU thread, augmented (plain)",
+        "view pairs / s per CPU worker: all views on the CPU | worker half only",
         "views",
-        lambda r: f"{r['views']['augmented_images_per_s']:.3g} ({r['views']['plain_images_per_s']:.3g})",
+        lambda r: f"{r['views']['cpu_path_images_per_s']:.3g} | {r['views']['worker_half_images_per_s']:.3g}",
     ),
     (
-        "CPU workers to feed the step, augmented (plain)",
+        "CPU workers to feed the step: views on the CPU | views on the device",
         "views",
-        lambda r: f"{r['views']['workers_needed']:.3g} ({r['views']['workers_needed_plain']:.3g})",
+        lambda r: (
+            f"{r['views']['workers_needed_cpu_path']:.3g} | {r['views']['workers_needed_worker_half']:.3g}"
+        ),
+    ),
+    (
+        "views on the device: view pairs / s of the device half (time vs the step)",
+        "views",
+        lambda r: (
+            f"{r['views']['device_half_images_per_s']:.3g} ({r['views']['device_half_fraction_of_step']:.1%})"
+        ),
     ),
     ("inference, AceModel (ms)", "inference", lambda r: _ms(r["inference"]["ace_s"])),
     (

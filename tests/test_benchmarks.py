@@ -87,6 +87,6 @@ def test_a_part_out_of_memory_is_recorded_and_the_rest_still_runs(tmp_path, monk
 
     preset = results["presets"]["ace-vit-tiny"]
     assert preset["errors"] == {"training": "out of memory: CUDA out of memory. Tried to allocate 9.00 GiB"}
-    assert preset["inference"]["ace_s"] > 0 and preset["views"]["workers_needed"] is None
+    assert preset["inference"]["ace_s"] > 0 and preset["views"]["workers_needed_cpu_path"] is None
     assert "| full pretraining step (ms) | out of memory |" in md_path.read_text()
     assert not bench_pretraining.failed_unexpectedly(results)
