@@ -46,6 +46,15 @@ REQUIRED_AUTO_MAP = {
 
 # Written next to the encoder so that continued pretraining keeps the heads (as RAD-DINO ships its DINO head).
 PRETRAINING_HEADS_NAME = "pretraining_heads.safetensors"
+# Every file export_pretrained writes.
+EXPORT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    PRETRAINING_HEADS_NAME,
+    *REMOTE_CODE_FILES,
+)
 
 # Fewer optimizer steps than this (or fewer than planned) make an export a smoke test, and its card says so.
 SMOKE_TEST_STEPS = 100
@@ -145,7 +154,8 @@ def export_pretrained(
         **_model_facts(encoder),
     )
     card.save(output_dir / "README.md")
-    normal_file_permissions(output_dir)  # safetensors writes 0600: colleagues could not read the model
+    # safetensors writes 0600, so colleagues could not read the model; other files of the folder are not ours
+    normal_file_permissions(output_dir, EXPORT_FILES)
     return output_dir
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,27 @@ def ensure_writable_folder(folder: Path, flag: str) -> None:
         raise OutputDirError(f"{flag} {folder} is not writable: {error.strerror or error}.") from None
 
 
-def check_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, needed_bytes: int) -> None:
+def check_output_dir(
+    output_dir: Path,
+    *,
+    resuming: bool,
+    overwrite: bool,
+    needed_bytes: int,
+    inputs: Mapping[str, str | None] | None = None,
+) -> None:
     """Fail with one line before any model or data is loaded when `output_dir` cannot take this run.
 
     A folder holding another run's export or checkpoints is refused unless the run resumes from it or
-    `overwrite` is set; the folder must be writable and have room for one checkpoint.
+    `overwrite` is set, and `overwrite` is refused when one of the run's `inputs` ({flag: path}) lies inside
+    the folder it would clear; the folder must be writable and have room for one checkpoint.
     """
+    if overwrite and not resuming and output_dir.is_dir():
+        for flag, path in (inputs or {}).items():
+            if path and Path(path).exists() and Path(path).resolve().is_relative_to(output_dir.resolve()):
+                raise OutputDirError(
+                    f"{flag} {path} lies inside --output_dir {output_dir}, which --overwrite_output_dir would "
+                    "clear first: write this run to another folder."
+                )
     held = other_runs_work(output_dir) if output_dir.is_dir() else []
     if held and not (resuming or overwrite):
         raise OutputDirError(
@@ -162,11 +177,11 @@ def close_segment(
     return [*segments, segment]
 
 
-def normal_file_permissions(folder: Path) -> None:
-    """Give the files of `folder` the mode a new file gets here (0666 less the umask): some writers use 0600,
-    which hides a shared model from colleagues."""
+def normal_file_permissions(folder: Path, names: Iterable[str]) -> None:
+    """Give the files `names` of `folder` (those an export wrote, nothing else) the mode a new file gets here
+    (0666 less the umask): some writers use 0600, which hides a shared model from colleagues."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+    for name in names:
+        if (folder / name).is_file():
+            (folder / name).chmod(0o666 & ~umask)

@@ -385,6 +385,12 @@ def subsample(train: datasets.Dataset, args: argparse.Namespace, names: list[str
 
 def prepare_data(args: argparse.Namespace, processor: Any) -> TaskData:
     """Load, label, check, split and subsample the data, in an order that keeps validation fixed."""
+    if args.task == "segmentation" and getattr(processor, "resize_mode", "resize") != "resize":
+        raise ValueError(
+            f"Segmentation masks are resized by plain stretching, but the image processor's resize_mode is "
+            f"{processor.resize_mode!r}: images and masks would not line up. Save the processor with "
+            "resize_mode='resize' for segmentation."
+        )
     train, validation = load_splits(args)
     raw_splits = [split for split in (train, validation) if split is not None]
     names = class_names(args, raw_splits) if args.task == "classification" else []
@@ -610,7 +616,7 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, results: dict[s
         pipeline_tag=PIPELINE_TAGS[args.task],
         base_model=base_model,
         datasets=[args.dataset_name] if args.dataset_name else None,
-        tags=["ace", "medical-imaging", "chest-x-ray"],
+        tags=["ace", "medical-imaging"],
     )
     how = (
         "a linear head on the frozen ACE encoder"

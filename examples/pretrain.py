@@ -281,18 +281,25 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
+    error: OSError | None = None
     try:
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
             write_run_record(partial, record)
-    except OSError as error:
-        shutil.rmtree(partial, ignore_errors=True)
+    except OSError as raised:
+        error = raised
+    # Every process learns whether any write failed (this is also the barrier after the writes), so all of
+    # them stop together and the folder is removed only once nobody writes into it any more.
+    if accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max").item():
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
         kept = checkpoint_dirs(output_dir)
+        reason = f"{error.strerror or error}" if error else "another process failed to write"
         raise RuntimeError(
-            f"Could not write the checkpoint at step {step} ({error.strerror or error}); "
+            f"Could not write the checkpoint at step {step} ({reason}); "
             + (f"the previous checkpoint {kept[-1]} is kept." if kept else "no earlier checkpoint exists.")
         ) from error
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -305,12 +312,22 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path | None:
-    if resume_from != "latest":
-        if not Path(resume_from).is_dir():
-            raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
-        return Path(resume_from)
+    """The checkpoint to resume from; refuse an older one of this folder while newer ones exist, or 'latest'
+    and the checkpoint rotation would later pick up the abandoned attempt again."""
     found = checkpoint_dirs(output_dir)
-    return found[-1] if found else None
+    if resume_from == "latest":
+        return found[-1] if found else None
+    checkpoint = Path(resume_from)
+    if not checkpoint.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
+    if checkpoint.resolve().parent == (output_dir / "checkpoints").resolve():
+        step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+        if newer := [path.name for path in found if int(path.name.removeprefix(CHECKPOINT_PREFIX)) > step]:
+            raise RunMismatchError(
+                f"{output_dir} holds checkpoints newer than {checkpoint.name} ({', '.join(newer)}): move them "
+                "out of the folder to go back to this one, or resume from 'latest'."
+            )
+    return checkpoint
 
 
 # Averaged between logs: the losses, and the local branch's matching accuracies (what it has learned).
@@ -421,6 +438,11 @@ def main(argv: list[str] | None = None) -> dict:
         resuming=checkpoint is not None,
         overwrite=args.overwrite_output_dir,
         needed_bytes=checkpoint_bytes(build_config(args)),
+        inputs={
+            "--model_name_or_path": args.model_name_or_path,
+            "--config_name": args.config_name,
+            "--init_from_timm": args.init_from_timm,
+        },
     )
     if args.overwrite_output_dir and checkpoint is None and accelerator.is_main_process:
         if removed := clear_previous_run(output_dir):
@@ -519,7 +541,12 @@ def main(argv: list[str] | None = None) -> dict:
             k: v for k, v in config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
         },
         augmentation=parse_overrides(args.augmentation_overrides),
-        data={"description": data_description, "examples": None if args.streaming else len(dataset)},
+        # The folder's name, not its path: the same data copied elsewhere (a job's scratch disk) is the same run.
+        data={
+            "source": args.dataset_name
+            or (Path(args.train_dir).resolve().name if args.train_dir else "built-in"),
+            "examples": None if args.streaming else len(dataset),
+        },
         global_batch=global_batch,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
@@ -576,6 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     interrupted = False
     guard = StepGuard(accelerator.device)
+    # Host syncs: at least every 10 steps, so a stop request (SIGTERM's grace period) is acted on quickly.
+    sync_steps = min(args.logging_steps, 10)
     with graceful_stop() as stop:
         while state.step < total_steps and not interrupted:
             collator.epoch = state.epoch
@@ -623,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
                 state.step_in_epoch += 1
                 progress.update(1)
                 checkpoint_due = args.checkpointing_steps and state.step % args.checkpointing_steps == 0
-                if state.step % args.logging_steps == 0 or checkpoint_due or state.step == total_steps:
+                if state.step % sync_steps == 0 or checkpoint_due or state.step == total_steps:
                     interrupted = guard.check(accelerator, stop["stop"], last_checkpoint)
                 if state.step % args.logging_steps == 0 or state.step == total_steps:
                     extra = {

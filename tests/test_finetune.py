@@ -143,6 +143,14 @@ def test_multi_label_from_a_csv_skips_and_counts_an_unreadable_image(tmp_path, e
     assert list(model.config.id2label.values()) == ["effusion", "nodule"]
 
 
+def test_segmentation_refuses_a_processor_that_would_misalign_masks(tmp_path, encoder_dir) -> None:
+    """Masks are stretched to the input; a processor that pads or crops images would shift them."""
+    AceImageProcessor.from_pretrained(encoder_dir, resize_mode="pad").save_pretrained(encoder_dir)
+    csv_path = _write_csv(tmp_path / "train.csv", [{"image": "i.png", "mask": "m.png"}])
+    with pytest.raises(ValueError, match="resize_mode is 'pad'"):
+        _run(encoder_dir, tmp_path / "out", "--task", "segmentation", "--train_csv", str(csv_path))
+
+
 def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -> None:
     rng = np.random.default_rng(2)
     rows = []

@@ -105,16 +105,20 @@ def test_segments_accumulate_with_their_changes() -> None:
     ]
 
 
-def test_exported_files_get_the_umask_mode(tmp_path) -> None:
-    private = tmp_path / "model.safetensors"
-    private.write_bytes(b"x")
-    private.chmod(0o600)
+def test_exported_files_get_the_umask_mode_and_nothing_else_changes(tmp_path) -> None:
+    private, secret = tmp_path / "model.safetensors", tmp_path / ".netrc"
+    for path in (private, secret):
+        path.write_bytes(b"x")
+        path.chmod(0o600)
     old = os.umask(0o022)
     try:
-        normal_file_permissions(tmp_path)
+        normal_file_permissions(
+            tmp_path, ["model.safetensors", "config.json"]
+        )  # config.json: absent, skipped
     finally:
         os.umask(old)
     assert private.stat().st_mode & 0o777 == 0o644
+    assert secret.stat().st_mode & 0o777 == 0o600  # not the export's: left alone
 
 
 # ------------------------------------------------------------------ the same guarantees through examples/pretrain.py
@@ -180,3 +184,36 @@ def test_the_export_is_readable_by_colleagues(finished_run) -> None:
     os.umask(umask)
     for name in ("model.safetensors", "config.json", "README.md", "pretraining_heads.safetensors"):
         assert (done / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_overwrite_never_clears_the_model_the_run_starts_from(tmp_path, finished_run) -> None:
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    with pytest.raises(OutputDirError, match="--model_name_or_path .* lies inside --output_dir"):
+        pretrain.main(
+            [
+                *_args(data, config_dir, output, "--max_steps", "2", "--overwrite_output_dir"),
+                "--model_name_or_path",
+                str(output),
+            ]
+        )
+    assert (output / "model.safetensors").is_file() and (output / "checkpoints").is_dir()
+
+
+def test_going_back_to_an_older_checkpoint_needs_the_newer_ones_moved(tmp_path, finished_run) -> None:
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    older = output / "checkpoints" / "step_4"
+    with pytest.raises(RunMismatchError, match=r"newer than step_4 \(step_6\)"):
+        pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", str(older)))
+
+
+def test_the_same_data_in_another_place_resumes(tmp_path, finished_run) -> None:
+    """A job that copies its data to a scratch disk resumes: the fingerprint keeps the folder name, not the path."""
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    moved = Path(shutil.copytree(data, tmp_path / "scratch" / data.name))
+    summary = pretrain.main(
+        _args(moved, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    )
+    assert summary["steps"] == 6
