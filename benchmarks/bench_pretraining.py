@@ -613,15 +613,15 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ),
     ("synthetic 16-bit source image (px)", "views", lambda r: f"{r['views']['source_side']}"),
     (
-        "view pairs / s per CPU worker: all views on the CPU | worker half only",
+        "view pairs / s per CPU worker: all views on the worker / worker half only",
         "views",
-        lambda r: f"{r['views']['cpu_path_images_per_s']:.3g} | {r['views']['worker_half_images_per_s']:.3g}",
+        lambda r: f"{r['views']['cpu_path_images_per_s']:.3g} / {r['views']['worker_half_images_per_s']:.3g}",
     ),
     (
-        "CPU workers to feed the step: views on the CPU | views on the device",
+        "CPU workers to feed the step: views on the worker / on the device",
         "views",
         lambda r: (
-            f"{r['views']['workers_needed_cpu_path']:.3g} | {r['views']['workers_needed_worker_half']:.3g}"
+            f"{r['views']['workers_needed_cpu_path']:.3g} / {r['views']['workers_needed_worker_half']:.3g}"
         ),
     ),
     (
@@ -688,9 +688,11 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         "Full step: forward on both views, backward, gradient clipping, AdamW (project parameter groups), "
         "teacher EMA. Ideal: the student encoder's forward and backward on [large; small] plus the teacher "
-        "encoder's no-grad forward. MFU: counted FLOPs (FlopCounterMode) / step time / matmul peak. View "
-        "pairs on 1 CPU thread: window, jitter, cut and augment as the data collator does (no file decoding); "
-        "workers = step view pairs/s / one thread's. Inference: encoder forward on a batch of the step's size, "
+        "encoder's no-grad forward. MFU: counted FLOPs (FlopCounterMode) / step time / matmul peak. Views "
+        "(no file decoding): a worker is one CPU thread running ViewPairCollator (all views on the worker) or "
+        "ImageBatchCollator (its half when views are cut on the device); the device half is cut_batch_views on "
+        "the benchmark device, its share = its time / the step's; workers = step view pairs/s / one worker's. "
+        "Inference: encoder forward on a batch of the step's size, "
         "SDPA attention unless marked eager.",
     ]
     for name, preset in presets.items():
