@@ -4,10 +4,8 @@ key errors, and examples/pretrain.py --init_from_timm."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,23 +20,13 @@ from ace_hf.convert import (
     init_from_timm,
     main,
 )
-from tests.conftest import tiny_swin_config, tiny_vit_config
+from tests.conftest import load_example, tiny_swin_config, tiny_vit_config
 
 timm = pytest.importorskip("timm")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Opaque:
     """A pickled object that is not a tensor: weights_only loading must refuse it."""
-
-
-def _load_pretrain_script():
-    spec = importlib.util.spec_from_file_location("ace_pretrain_script", ROOT / "examples" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _timm_vit(img_size: int = 32, patch_size: int = 8) -> torch.nn.Module:
@@ -178,7 +166,7 @@ def test_missing_unexpected_and_wrong_backbone_weights_are_named(tmp_path) -> No
 
 def test_init_from_timm_loads_imagenet_weights_into_student_and_teacher(tmp_path, one_thread) -> None:
     """A 16 px timm ViT (2 x 2 grid) starts a 32 px ACE model: its position embeddings are resampled."""
-    pretrain = _load_pretrain_script()
+    pretrain = load_example("pretrain")
     weights = _timm_vit(img_size=16).state_dict()
     save_file(weights, tmp_path / "vit.safetensors")
     config = _config_dir(tmp_path, tiny_vit_config())

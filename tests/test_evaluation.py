@@ -3,10 +3,8 @@ truth it uses is exact, and the suite (and examples/run_evaluation.py) runs end 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +26,7 @@ from ace_hf.evaluation import (
     small_to_large_token,
     view_correspondence,
 )
-from tests.conftest import tiny_vit_config
+from tests.conftest import load_example, tiny_vit_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -579,12 +577,7 @@ def test_results_markdown_has_a_row_per_metric(e2e_results: dict) -> None:
 def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_path: Path) -> None:
     """examples/run_evaluation.py on a saved encoder plus --random_init: results.json and results.md, one
     column each (the held-out renders come from the shared cache)."""
-    spec = importlib.util.spec_from_file_location(
-        "ace_run_evaluation_script", ROOT / "examples" / "run_evaluation.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    script = load_example("run_evaluation")
 
     folder = tmp_path / "encoder"
     AceModel(tiny_vit_config()).save_pretrained(folder)

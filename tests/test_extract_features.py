@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -14,17 +13,13 @@ import torch
 from safetensors.numpy import load_file
 
 from ace_hf import AceImageProcessor, AceModel
-from tests.conftest import tiny_vit_config
+from tests.conftest import load_example, tiny_vit_config
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "extract_features.py"
 IMAGES = ["a.png", "sub/b.png", "sub/c16.png"]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("ace_extract_features_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("extract_features")
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +14,10 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 from ace_hf import AceConfig, AceImageProcessor, AceModel
+from tests.conftest import load_example
 from tests.test_hub import FakeHfApi
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "finetune.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ace_finetune_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_script()
+finetune = load_example("finetune")
 
 SIZE = 32  # pixels per side of the synthetic images (the tiny encoder's input is 32 px too)
 

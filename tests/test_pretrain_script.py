@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,22 +19,14 @@ from safetensors.torch import load_file
 
 from ace_hf import AceForPreTraining, AceImageProcessor
 from ace_hf.hub import PRETRAINING_HEADS_NAME
-from tests.conftest import tiny_vit_config
+from tests.conftest import load_example, tiny_vit_config
 from tests.test_hub import FakeHfApi
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "pretrain.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("ace_pretrain_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain = _load_script()
+pretrain = load_example("pretrain")
 
 
 @pytest.fixture
@@ -252,20 +243,25 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path, tiny_config_dir, capl
     assert "broken0.png" in caplog.text and "broken1.png" in caplog.text
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, monkeypatch) -> None:
-    data = _write_images(tmp_path / "data", 8)
-    output = tmp_path / "out"
+def _diverge_at_forward(monkeypatch, call: int) -> None:
+    """Make the loss of the `call`-th pretraining forward pass NaN."""
     original_forward = AceForPreTraining.forward
     calls = {"n": 0}
 
     def forward_that_diverges(self, *args, **kwargs):
         result = original_forward(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == call:
             result.loss = result.loss * float("nan")
         return result
 
     monkeypatch.setattr(AceForPreTraining, "forward", forward_that_diverges)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, monkeypatch) -> None:
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "out"
+    _diverge_at_forward(monkeypatch, 4)
     with pytest.raises(
         FloatingPointError, match=r"non-finite at optimizer step 3.*this process: nan.*step_2"
     ):
@@ -428,17 +424,7 @@ def test_the_host_syncs_only_at_logging_and_checkpoint_steps(tmp_path, tiny_conf
     pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
     assert len(checked_at) == 4  # steps 3, 5 (checkpoint), 6, 7 (the end); not 7 syncs
 
-    original_forward = AceForPreTraining.forward
-    calls = {"n": 0}
-
-    def forward_that_diverges(self, *args, **kwargs):
-        result = original_forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            result.loss = result.loss * float("nan")
-        return result
-
-    monkeypatch.setattr(AceForPreTraining, "forward", forward_that_diverges)
+    _diverge_at_forward(monkeypatch, 2)
     with pytest.raises(FloatingPointError, match=r"non-finite at optimizer step 1 .*no checkpoint yet"):
         pretrain.main(_args(data, tiny_config_dir, tmp_path / "nan", *extra))
     assert pretrain.checkpoint_dirs(tmp_path / "nan") == []

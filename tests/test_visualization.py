@@ -3,7 +3,6 @@ maps land on the right pixels, and the script writes both pictures at the expect
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,11 @@ from ace_hf.visualization import (
     similarity_maps,
     to_pil,
 )
-from tests.conftest import tiny_vit_config
-
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "visualize.py"
+from tests.conftest import load_example, tiny_vit_config
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("ace_visualize_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("visualize")
 
 
 def colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
