@@ -243,8 +243,8 @@ def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
     return overrides
 
 
-def build_model(args: argparse.Namespace) -> AceForPreTraining:
-    config = build_config(args)
+def build_model(args: argparse.Namespace, config: AceConfig) -> AceForPreTraining:
+    """The pretraining model for `config` (build_config's), continued or initialized as the arguments say."""
     if args.model_name_or_path:  # with the export's pretraining heads when it ships them (the log says)
         return pretraining_model_from_export(
             args.model_name_or_path, config, token=args.hub_token, log=logger
@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
 
+    config = build_config(args)
     checkpoint = (
         resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     )
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir,
         resuming=checkpoint is not None,
         overwrite=args.overwrite_output_dir,
-        needed_bytes=checkpoint_bytes(build_config(args)),
+        needed_bytes=checkpoint_bytes(config),
         inputs={
             "--model_name_or_path": args.model_name_or_path,
             "--config_name": args.config_name,
@@ -451,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     accelerator.wait_for_everyone()
 
-    model = build_model(args)
-    config = model.config
+    model = build_model(args, config)
+    config = model.config  # the model's own: loading an export or timm weights may adjust a copy
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":

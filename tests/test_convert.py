@@ -171,9 +171,8 @@ def test_init_from_timm_loads_imagenet_weights_into_student_and_teacher(tmp_path
     save_file(weights, tmp_path / "vit.safetensors")
     config = _config_dir(tmp_path, tiny_vit_config())
     argv = ["--config_name", str(config), "--output_dir", str(tmp_path / "out")]
-    model = pretrain.build_model(
-        pretrain.parse_args([*argv, "--init_from_timm", str(tmp_path / "vit.safetensors")])
-    )
+    args = pretrain.parse_args([*argv, "--init_from_timm", str(tmp_path / "vit.safetensors")])
+    model = pretrain.build_model(args, pretrain.build_config(args))
 
     expected = convert_timm_vit_state_dict(weights)
     expected["embeddings.position_embeddings"] = timm.layers.resample_abs_pos_embed(

@@ -395,14 +395,14 @@ def test_continuing_from_an_export_loads_its_pretraining_heads(tmp_path, tiny_co
     args = pretrain.parse_args(
         _args(data, tiny_config_dir, tmp_path / "second", "--model_name_or_path", str(first))
     )
-    model = pretrain.build_model(args)
+    model = pretrain.build_model(args, pretrain.build_config(args))
     assert f"loaded pretraining heads from {first / PRETRAINING_HEADS_NAME}" in caplog.text
     for key, value in model.pretraining_heads_state_dict().items():
         assert torch.equal(value, saved[key]), key
 
     (first / PRETRAINING_HEADS_NAME).unlink()
     caplog.clear()
-    pretrain.build_model(args)
+    pretrain.build_model(args, pretrain.build_config(args))
     assert (
         f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {first}): "
         "expect the first epochs to re-learn them"
