@@ -136,6 +136,32 @@ def make_optimizer(model: nn.Module, learning_rate: float, device: torch.device)
     return torch.optim.AdamW(parameter_groups(model), lr=learning_rate, fused=fused)
 
 
+def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create now the AdamW state (step 0, zero moments) that AdamW would create at each parameter's first update.
+
+    The last layer gets no update during its freeze, so without this a checkpoint written in the first epoch has
+    no state for it, and a sharded (FSDP) checkpoint cannot be loaded: torch.distributed.checkpoint expects the
+    state of every parameter. AdamW only fills in missing state, so the updates stay bit-identical (tested).
+    Call it after `accelerator.prepare`, which may replace the parameters (FSDP shards them).
+    """
+    for group in optimizer.param_groups:
+        # Where and how AdamW keeps `step` (torch/optim/adam.py, optimizer.py's _get_scalar_dtype).
+        on_device = group["fused"] or group["capturable"]
+        double = not group["fused"] and torch.get_default_dtype() == torch.float64
+        step_dtype = torch.float64 if double else torch.float32
+        for parameter in group["params"]:
+            if optimizer.state[parameter]:
+                continue
+            state = {
+                "step": torch.zeros((), dtype=step_dtype, device=parameter.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+            }
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+            optimizer.state[parameter] = state
+
+
 def cancel_last_layer_gradients(parameters: Iterable[torch.Tensor]) -> None:
     """Drop the gradients of `parameters` (the global head's last layer) after backward, before the step.
 
@@ -153,6 +179,8 @@ __all__ = [
     "AceSchedules",
     "cancel_last_layer_gradients",
     "cosine_schedule",
+    "initialize_optimizer_state",
+    "make_optimizer",
     "parameter_groups",
     "scaled_learning_rate",
 ]

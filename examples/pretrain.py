@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 import ace_hf
@@ -49,6 +49,7 @@ from ace_hf.hub import export_pretrained, pretraining_model_from_export, push_to
 from ace_hf.optimization import (
     AceSchedules,
     cancel_last_layer_gradients,
+    initialize_optimizer_state,
     make_optimizer,
     scaled_learning_rate,
 )
@@ -271,8 +272,22 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
+def broadcast_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Under FSDP, give every process the main process's buffers (BatchNorm running statistics), as DDP does
+    before each forward: each process updates them from its own batch, and a sharded checkpoint keeps one copy
+    (from any process), which a resumed run would then continue from."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, total_limit: int, record: dict[str, Any]
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    output_dir: Path,
+    step: int,
+    total_limit: int,
+    record: dict[str, Any],
 ) -> Path:
     """save_state and the run record into a temporary folder, then rename: a crash mid-save never leaves a
     half checkpoint, and a failed write (a full disk) removes its temporary folder and keeps the last one."""
@@ -281,6 +296,7 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
+    broadcast_buffers(accelerator, model)
     error: OSError | None = None
     try:
         accelerator.save_state(str(partial))
@@ -399,21 +415,40 @@ def log_step(
 
 
 def check_replicas_in_sync(accelerator: Accelerator, model: AceForPreTraining) -> None:
-    """Fail loudly if student or teacher weights, or the DINO center, differ between processes."""
+    """Fail loudly if student or teacher weights, or the DINO center, differ between processes (under FSDP:
+    the whole tensors each process sees, gathered one at a time)."""
     tensors = [*model.student.parameters(), *model.teacher.parameters(), model.dino_loss.center]
     fingerprints = torch.stack(
         [
-            (
-                tensor.detach().double().flatten()
-                * torch.linspace(1, 2, tensor.numel(), device=tensor.device)
-            ).sum()
-            for tensor in tensors
+            (whole.double().flatten() * torch.linspace(1, 2, whole.numel(), device=whole.device)).sum()
+            for whole in map(whole_tensor, tensors)
         ]
     )
     gathered = accelerator.gather(fingerprints.unsqueeze(0))
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError("Student/teacher weights differ between processes: the replicas drifted apart.")
     logger.info(f"Student and teacher weights are identical on all {accelerator.num_processes} process(es).")
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor: FSDP shards it into a DTensor (gathering is collective)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def whole_model(
+    accelerator: Accelerator, model: torch.nn.Module, ace: AceForPreTraining
+) -> AceForPreTraining | None:
+    """The pretraining model with whole weights on the main process, None elsewhere, to export from. Under FSDP
+    each process holds a shard of every weight, so all of them take part in gathering the state dict."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return ace if accelerator.is_main_process else None
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    whole = AceForPreTraining(ace.config)
+    whole.load_state_dict(state_dict)
+    return whole
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -535,6 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    initialize_optimizer_state(optimizer.optimizer)
     ace = accelerator.unwrap_model(model)
     state = TrainingState()
     fingerprint = run_fingerprint(
@@ -665,14 +701,17 @@ def main(argv: list[str] | None = None) -> dict:
                     running, micro_batches = {}, 0
                 if checkpoint_due:
                     last_checkpoint = save_checkpoint(
-                        accelerator, output_dir, state.step, args.checkpoints_total_limit, run_record()
+                        accelerator, model, output_dir, state.step, args.checkpoints_total_limit, run_record()
                     )
-                    if args.export_with_checkpoints and accelerator.is_main_process:
+                    if (
+                        args.export_with_checkpoints
+                        and (whole := whole_model(accelerator, model, ace)) is not None
+                    ):
                         export_pretrained(
-                            ace.export_teacher(),
+                            whole.export_teacher(),
                             processor,
                             last_checkpoint / "encoder",
-                            pretraining_heads=ace,
+                            pretraining_heads=whole,
                         )
                 if state.step >= total_steps or interrupted:
                     break
@@ -686,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
         last_checkpoint = save_checkpoint(
-            accelerator, output_dir, state.step, args.checkpoints_total_limit, run_record()
+            accelerator, model, output_dir, state.step, args.checkpoints_total_limit, run_record()
         )
     check_replicas_in_sync(accelerator, ace)
     skipped = int(
@@ -711,17 +750,17 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning(f"{skipped} unreadable image(s) were skipped; their names are in the warnings above.")
     if interrupted:
         logger.warning(f"Stopped at step {state.step}: continue with --resume_from_checkpoint latest.")
-    elif accelerator.is_main_process:
+    elif (whole := whole_model(accelerator, model, ace)) is not None:
         card_summary = {key: value for key, value in summary.items() if key != "interrupted"}
         export_pretrained(
-            ace.export_teacher(),
+            whole.export_teacher(),
             processor,
             output_dir,
             model_id=args.hub_model_id,
             training_summary=card_summary,
             dataset_names=[args.dataset_name] if args.dataset_name else None,  # Hub ids only reach the card
             base_model=args.model_name_or_path,  # likewise
-            pretraining_heads=ace,
+            pretraining_heads=whole,
         )
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(f"Done: {json.dumps(summary)}. Exported the teacher encoder to {output_dir}.")

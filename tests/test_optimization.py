@@ -13,6 +13,7 @@ from ace_hf.optimization import (
     AceSchedules,
     cancel_last_layer_gradients,
     cosine_schedule,
+    initialize_optimizer_state,
     make_optimizer,
     parameter_groups,
     scaled_learning_rate,
@@ -149,3 +150,36 @@ def test_make_optimizer_is_fused_adamw_over_the_parameter_groups() -> None:
         1,
         3,
     ]  # decayed weight; biases, norm
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_initialized_optimizer_state_changes_no_update(fused: bool) -> None:
+    """State created up front (what a sharded checkpoint needs) gives the same steps as AdamW's lazy state,
+    through a last-layer freeze: if torch changes how AdamW starts its state, this fails."""
+    torch.manual_seed(0)
+    models = [TinyModel(), TinyModel()]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        torch.optim.AdamW(parameter_groups(m), lr=0.05, weight_decay=0.1, fused=fused) for m in models
+    ]
+    initialize_optimizer_state(optimizers[1])
+    trained = [p for p in models[1].parameters() if p.requires_grad]
+    assert all(len(optimizers[1].state[p]) == 3 for p in trained)
+    inputs = torch.randn(5, 8, 4)
+    for step, batch in enumerate(inputs):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model(batch).square().sum().backward()
+            if step < 2:
+                cancel_last_layer_gradients(model.last_layer.parameters())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, lazy), early in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(lazy, early), name
+    lazy_state, early_state = (optimizer.state_dict()["state"] for optimizer in optimizers)
+    for index, state in lazy_state.items():
+        for key, value in state.items():
+            assert (
+                value.dtype == early_state[index][key].dtype
+                and value.device == early_state[index][key].device
+            )
+            assert torch.equal(value, early_state[index][key]), (index, key)

@@ -313,9 +313,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _torchrun(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(
+    *arguments: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Two CPU processes (gloo) under torchrun, the way a multi-GPU job is launched."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *arguments,
@@ -369,6 +377,61 @@ def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir
     assert len(ids[0]) == len(ids[1]) == 8  # 2 steps x batch 4 on each process
     assert not set(ids[0]) & set(ids[1]), "the two processes saw the same examples"
     assert sorted(ids[0] + ids[1]) == list(range(16))
+
+
+def _fsdp_environment() -> dict[str, str]:
+    """The environment `accelerate launch --config_file examples/accelerate_configs/fsdp.yaml` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = ROOT / "examples" / "accelerate_configs" / "fsdp.yaml"
+    arguments = ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no", str(SCRIPT)]
+    launch_args, *_ = _validate_launch_command(launch_command_parser().parse_args(arguments))
+    return {
+        k: v
+        for k, v in prepare_multi_gpu_env(launch_args).items()
+        if k.startswith(("FSDP_", "ACCELERATE_USE"))
+    }
+
+
+def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> None:
+    """Sharded student, EMA teacher and optimizer (Accelerate's FSDP2, 2 CPU processes): the export equals the
+    replicated (DDP) run's, and resuming from a sharded checkpoint ends where the uninterrupted run does."""
+    data = _write_images(tmp_path / "data", 16)
+    run = ("--max_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
+    replicated = _torchrun(str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "ddp", *run))
+    assert replicated.returncode == 0, replicated.stderr[-4000:]
+    shim, fsdp = str(ROOT / "tests" / "fsdp_on_cpu.py"), _fsdp_environment()
+    assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "AceLayer"
+    sharded = _torchrun(shim, str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "fsdp", *run), env=fsdp)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert "Distributed environment: DistributedType.FSDP" in sharded.stderr
+    sharded_checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2" / "pytorch_model_fsdp_0"
+    assert sharded_checkpoint.is_dir(), "the checkpoint was gathered, not written as shards"
+    assert "identical on all 2 process(es)" in sharded.stderr
+
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "fsdp" / "checkpoints" / "step_2", resumed_dir / "checkpoints" / "step_2")
+    resumed = _torchrun(
+        shim, str(SCRIPT), *_args(data, tiny_config_dir, resumed_dir, *run, "--resume_from_checkpoint", "latest"),
+        env=fsdp,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from" in resumed.stderr
+
+    for name in ("model.safetensors", PRETRAINING_HEADS_NAME):
+        reference = load_file(tmp_path / "ddp" / name)
+        for other in ("fsdp", "resumed"):
+            weights = load_file(tmp_path / other / name)
+            assert weights.keys() == reference.keys()
+            for key, value in reference.items():
+                # Reduce-scatter and all-reduce sum the same two gradients: equal up to float rounding.
+                torch.testing.assert_close(
+                    weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{other} {name} {key}"
+                )
+    center = load_file(tmp_path / "fsdp" / PRETRAINING_HEADS_NAME)["dino_center"]
+    assert center.abs().sum() > 0, "the DINO center never moved"
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config_dir) -> None:
