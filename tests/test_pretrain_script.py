@@ -421,15 +421,13 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> 
     assert "Resumed from" in resumed.stderr
 
     for name in ("model.safetensors", PRETRAINING_HEADS_NAME):
-        reference = load_file(tmp_path / "ddp" / name)
-        for other in ("fsdp", "resumed"):
-            weights = load_file(tmp_path / other / name)
-            assert weights.keys() == reference.keys()
-            for key, value in reference.items():
-                # Reduce-scatter and all-reduce sum the same two gradients: equal up to float rounding.
-                torch.testing.assert_close(
-                    weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{other} {name} {key}"
-                )
+        reference, sharded_run = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "fsdp" / name)
+        resumed_run = load_file(resumed_dir / name)
+        assert sharded_run.keys() == reference.keys() == resumed_run.keys()
+        for key, value in reference.items():
+            # Reduce-scatter and all-reduce sum the same two gradients: equal up to float rounding.
+            torch.testing.assert_close(sharded_run[key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+            assert torch.equal(resumed_run[key], sharded_run[key]), f"resumed {name} {key}"
     center = load_file(tmp_path / "fsdp" / PRETRAINING_HEADS_NAME)["dino_center"]
     assert center.abs().sum() > 0, "the DINO center never moved"
 
