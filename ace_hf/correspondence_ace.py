@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 # Gaussian window radii of the soft targets (5 x 5 for decomposition, 3 x 3 for composition).
+PARITY_ERROR = "view_origins: the small view's origin must have the large view's parity on each axis"
 DECOMPOSITION_RADIUS = 2
 COMPOSITION_RADIUS = 1
 
@@ -81,10 +82,12 @@ def correspondence_targets(
     origins = view_origins.long()
     large_origin, small_origin = origins[:, :2], origins[:, 2:]
     offset = small_origin - large_origin  # [B, 2]: small origin in large-view cells
-    if bool(((offset % 2) != 0).any()):
-        raise ValueError(
-            "view_origins: the small view's origin must have the large view's parity on each axis"
-        )
+    aligned = ((offset % 2) == 0).all()
+    if origins.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not aligned:
+            raise ValueError(PARITY_ERROR)
+    else:  # checked on the device: no host sync (or graph break) in every training step
+        torch._assert_async(aligned, PARITY_ERROR)
 
     n = view_tokens
     token_index = torch.arange(n * n, device=origins.device)

@@ -52,12 +52,13 @@ class DinoLoss(nn.Module):
         student_small: torch.Tensor,
         teacher_large: torch.Tensor,
         teacher_small: torch.Tensor,
-        teacher_temperature: float,
+        teacher_temperature: float | torch.Tensor,
     ) -> torch.Tensor:
         """1/2 [CE(teacher(small), student(large)) + CE(teacher(large), student(small))], batch-averaged.
 
         Inputs are [B, out_dim] head outputs. The teacher temperature is an argument because it is
-        scheduled (warmed up) by step. No gradient reaches the teacher inputs.
+        scheduled (warmed up) by step; as a 0-dim tensor it spares torch.compile a recompilation for every new
+        value. No gradient reaches the teacher inputs.
         """
         center = self.center.float()
 

@@ -673,7 +673,7 @@ class AceForPreTraining(AcePreTrainedModel):
         pixel_values_large: torch.Tensor,
         pixel_values_small: torch.Tensor,
         view_origins: torch.Tensor,
-        teacher_temperature: float | None = None,
+        teacher_temperature: float | torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AcePreTrainingOutput | tuple:

@@ -17,7 +17,10 @@
    worker (one CPU thread), or the worker's half there and the batched rest on the device; and how many
    workers it takes to feed one device each way;
 6. inference: AceModel against transformers' ViTModel (SwinModel for Swin) and timm's model of the same
-   shape, and AceModel with SDPA against eager attention.
+   shape, and AceModel with SDPA against eager attention;
+7. with `--compile`: the full step with the model compiled by `torch.compile` (what `accelerate launch
+   --dynamo_backend inductor` does to the pretraining model) against the same step in eager mode, and the
+   compilation time.
 
 Timings are medians of interleaved rounds after a warm-up (`median_seconds` from bench_correspondence,
 which synchronizes CUDA around every call). `--dtype bf16` is autocast over float32 weights, as Accelerate's
@@ -36,6 +39,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -87,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and repeats: checks it runs (CI)")
     parser.add_argument(
+        "--compile", action="store_true", help="also time the step under torch.compile (inductor; minutes)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -108,6 +115,7 @@ class Settings:
     warmup: int  # untimed calls before median_seconds' own warm-up round (CUDA: allocator, kernel choice)
     matmul_size: int
     batch_size: int  # 0: by preset
+    compile: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast around forward passes only, as Accelerate wraps `model.forward`."""
@@ -140,6 +148,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         warmup=0 if args.quick or not cuda else 3,
         matmul_size=(1024 if args.quick else 8192) if cuda else (1024 if args.quick else 2048),
         batch_size=args.batch_size,
+        compile=args.compile,
     )
 
 
@@ -344,6 +353,42 @@ def benchmark_training(
     }
 
 
+def benchmark_compile(config: AceConfig, batch_size: int, settings: Settings) -> dict[str, Any]:
+    """The full step with the pretraining model under torch.compile (inductor) against the same step in eager
+    mode, interleaved on one model; the compilation is the first compiled call, timed apart."""
+    device = settings.device
+    with device:
+        model = AceForPreTraining(config).train()
+    optimizer = make_optimizer(model, 1e-4, device)
+    batch = synthetic_batch(config, batch_size, device)
+    compiled = torch.compile(model)
+
+    def step(forward: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with settings.autocast():
+                loss = forward(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_teacher(TEACHER_MOMENTUM)
+
+        return run
+
+    start = time.perf_counter()
+    step(compiled)()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - start
+    seconds = timed({"eager": step(model), "compiled": step(compiled)}, settings)
+    return {
+        "compile_s": compile_s,
+        "eager_step_s": seconds["eager"],
+        "compiled_step_s": seconds["compiled"],
+        "compiled_over_eager": seconds["compiled"] / seconds["eager"],
+    }
+
+
 def synthetic_radiographs(count: int, side: int, seed: int = 0) -> list[np.ndarray]:
     """Smooth 12-bit-in-uint16 images with a little grain: what a detector writes, at a detector's size."""
     generator = torch.Generator().manual_seed(seed)
@@ -535,6 +580,8 @@ def benchmark_preset(
         },
         "inference": lambda: {"inference": benchmark_inference(config, batch_size, settings)},
     }
+    if settings.compile:
+        parts["compile"] = lambda: {"compile": benchmark_compile(config, batch_size, settings)}
     for part, measure in parts.items():
         outcome = guarded(measure, settings.device)
         if "error" in outcome:
@@ -642,6 +689,14 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("AceModel / timm", "inference", lambda r: f"{r['inference']['ace_over_timm']:.2f}"),
     ("inference, AceModel eager attention (ms)", "inference", lambda r: _ms(r["inference"]["eager_s"])),
     ("AceModel SDPA / eager", "inference", lambda r: f"{r['inference']['sdpa_over_eager']:.2f}"),
+    (
+        "step under torch.compile (ms, x eager; compilation s)",
+        "compile",
+        lambda r: (
+            f"{_ms(r['compile']['compiled_step_s'])} ({r['compile']['compiled_over_eager']:.2f}x; "
+            f"{r['compile']['compile_s']:.0f} s)"
+        ),
+    ),
 ]
 
 

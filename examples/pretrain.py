@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     initialize_optimizer_state(optimizer.optimizer)
-    ace = accelerator.unwrap_model(model)
+    ace = accelerator.unwrap_model(
+        model, keep_torch_compile=False
+    )  # the module itself, under --dynamo_backend too
     state = TrainingState()
     fingerprint = run_fingerprint(
         config={
@@ -667,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
                         pixel_values_large=batch["pixel_values_large"].to(accelerator.device),
                         pixel_values_small=batch["pixel_values_small"].to(accelerator.device),
                         view_origins=batch["view_origins"].to(accelerator.device),
-                        teacher_temperature=schedules.teacher_temperature_at(state.step),
+                        # A 0-dim CPU tensor: no recompiling under torch.compile, no copy to the device.
+                        teacher_temperature=torch.tensor(schedules.teacher_temperature_at(state.step)),
                     )
                     guard.observe(outputs.loss, state.step)
                     accelerator.backward(outputs.loss)

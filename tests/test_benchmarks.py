@@ -90,3 +90,13 @@ def test_a_part_out_of_memory_is_recorded_and_the_rest_still_runs(tmp_path, monk
     assert preset["inference"]["ace_s"] > 0 and preset["views"]["workers_needed_cpu_path"] is None
     assert "| full pretraining step (ms) | out of memory |" in md_path.read_text()
     assert not bench_pretraining.failed_unexpectedly(results)
+
+
+@pytest.mark.slow  # inductor compiles the pretraining model: about a minute on 2 cores
+def test_compile_part_times_the_compiled_step_against_eager(tmp_path) -> None:
+    argv = ["--quick", "--device", "cpu", "--presets", "ace-vit-tiny", "--compile"]
+    argv += ["--output_md", str(tmp_path / "bench.md")]
+    results = bench_pretraining.main(argv, config_overrides=TINY_OVERRIDES)
+    compiled = results["presets"]["ace-vit-tiny"]["compile"]
+    assert compiled["compile_s"] > 0 and compiled["eager_step_s"] > 0 and compiled["compiled_step_s"] > 0
+    assert "| step under torch.compile" in (tmp_path / "bench.md").read_text()

@@ -489,3 +489,24 @@ def test_the_host_syncs_only_at_logging_and_checkpoint_steps(tmp_path, tiny_conf
     with pytest.raises(FloatingPointError, match=r"non-finite at optimizer step 1 .*no checkpoint yet"):
         pretrain.main(_args(data, tiny_config_dir, tmp_path / "nan", *extra))
     assert pretrain.checkpoint_dirs(tmp_path / "nan") == []
+
+
+@pytest.mark.slow  # inductor compiles the pretraining model: about a minute on 2 cores
+def test_compiled_run_never_recompiles_and_matches_eager(tmp_path, tiny_config_dir) -> None:
+    """`accelerate launch --dynamo_backend inductor`: one compilation for the whole run although the teacher
+    temperature changes every step, and the same training as in eager mode up to kernel rounding."""
+    data = _write_images(tmp_path / "data", 8)
+    run = ("--max_steps", "6", "--warmup_epochs", "1")
+    pretrain.main(_args(data, tiny_config_dir, tmp_path / "eager", *run))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "inductor",
+        str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "compiled", *run),
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_LOGS": "recompiles", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Recompiling" not in result.stderr, result.stderr[-4000:]
+    eager, compiled = (load_file(tmp_path / name / "model.safetensors") for name in ("eager", "compiled"))
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
