@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Gaussian window radii of the soft targets (5 x 5 for decomposition, 3 x 3 for composition).
 PARITY_ERROR = "view_origins: the small view's origin must have the large view's parity on each axis"
+# Gaussian window radii of the soft targets (5 x 5 for decomposition, 3 x 3 for composition).
 DECOMPOSITION_RADIUS = 2
 COMPOSITION_RADIUS = 1
 

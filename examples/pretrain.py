@@ -571,9 +571,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     initialize_optimizer_state(optimizer.optimizer)
-    ace = accelerator.unwrap_model(
-        model, keep_torch_compile=False
-    )  # the module itself, under --dynamo_backend too
+    # The module itself, also under `accelerate launch --dynamo_backend`: for the EMA update and the export.
+    ace = accelerator.unwrap_model(model, keep_torch_compile=False)
     state = TrainingState()
     fingerprint = run_fingerprint(
         config={
