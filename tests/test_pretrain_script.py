@@ -432,6 +432,39 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> 
     assert center.abs().sum() > 0, "the DINO center never moved"
 
 
+def test_fsdp_in_bf16_exports_float32_weights_with_each_checkpoint(tmp_path, tiny_config_dir) -> None:
+    """Under FSDP's bf16 mixed precision the sharded weights stay float32: the EMA teacher moves (in bf16 its
+    small updates would round away), and the export written with a checkpoint is the gathered model."""
+    data = _write_images(tmp_path / "data", 16)
+    output = tmp_path / "out"
+    run = (
+        "--max_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "5",
+        "--export_with_checkpoints",
+    )
+    fsdp = {**_fsdp_environment(), "ACCELERATE_MIXED_PRECISION": "bf16"}
+    shim = str(ROOT / "tests" / "fsdp_on_cpu.py")
+    result = _torchrun(shim, str(SCRIPT), *_args(data, tiny_config_dir, output, *run), env=fsdp)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "mixed precision bf16" in result.stderr
+    exported = load_file(output / "model.safetensors")
+    step_2, step_4 = (
+        load_file(output / "checkpoints" / f"step_{step}" / "encoder" / "model.safetensors")
+        for step in (2, 4)
+    )
+    assert exported.keys() == step_4.keys() == step_2.keys()
+    for key, value in exported.items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(step_4[key], value), key
+    # Two EMA steps at momentum ~0.996 change a weight by ~1e-4 of itself: in bf16 that rounds away.
+    moved = [key for key, value in step_4.items() if not torch.equal(value, step_2[key])]
+    assert len(moved) > len(step_4) // 2, "the EMA teacher did not move between the checkpoints"
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config_dir) -> None:
     """3 batches with accumulation 2: a full window and Accelerate's final partial one, 2 steps an epoch."""
     data = _write_images(tmp_path / "data", 12)
