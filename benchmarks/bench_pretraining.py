@@ -267,6 +267,31 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
+def pretraining_step(
+    model: AceForPreTraining,
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    settings: Settings,
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward and backward, full step) through `forward`: the model itself or its compiled wrapper. The full
+    step is what examples/pretrain.py does per optimizer step (minus logging and the NaN check)."""
+
+    def forward_backward() -> None:
+        with settings.autocast():
+            loss = forward(**batch).loss
+        loss.backward()
+
+    def full_step() -> None:
+        forward_backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_teacher(TEACHER_MOMENTUM)
+
+    return forward_backward, full_step
+
+
 def benchmark_training(
     config: AceConfig, batch_size: int, settings: Settings, peak_flops_per_s: float
 ) -> dict[str, Any]:
@@ -280,18 +305,7 @@ def benchmark_training(
     both_views = torch.cat([batch["pixel_values_large"], batch["pixel_values_small"]])
     student, teacher = model.student.ace, model.teacher.ace
 
-    def forward_backward() -> None:
-        with settings.autocast():
-            loss = model(**batch).loss
-        loss.backward()
-
-    def full_step() -> None:
-        """What examples/pretrain.py does per optimizer step (minus logging and the NaN check)."""
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(TEACHER_MOMENTUM)
+    forward_backward, full_step = pretraining_step(model, model, optimizer, batch, settings)
 
     def encoders_forward_backward() -> None:
         with settings.autocast():
@@ -361,26 +375,15 @@ def benchmark_compile(config: AceConfig, batch_size: int, settings: Settings) ->
         model = AceForPreTraining(config).train()
     optimizer = make_optimizer(model, 1e-4, device)
     batch = synthetic_batch(config, batch_size, device)
-    compiled = torch.compile(model)
-
-    def step(forward: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with settings.autocast():
-                loss = forward(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_teacher(TEACHER_MOMENTUM)
-
-        return run
+    _, eager_step = pretraining_step(model, model, optimizer, batch, settings)
+    _, compiled_step = pretraining_step(model, torch.compile(model), optimizer, batch, settings)
 
     start = time.perf_counter()
-    step(compiled)()
+    compiled_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     compile_s = time.perf_counter() - start
-    seconds = timed({"eager": step(model), "compiled": step(compiled)}, settings)
+    seconds = timed({"eager": eager_step, "compiled": compiled_step}, settings)
     return {
         "compile_s": compile_s,
         "eager_step_s": seconds["eager"],
