@@ -24,6 +24,7 @@ from tests.test_hub import FakeHfApi
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "pretrain.py"
+FSDP_SHIM = str(ROOT / "tests" / "fsdp_on_cpu.py")  # runs SCRIPT under Accelerate's FSDP on CPU processes
 
 
 pretrain = load_example("pretrain")
@@ -401,9 +402,11 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> 
     run = ("--max_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "5")
     replicated = _torchrun(str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "ddp", *run))
     assert replicated.returncode == 0, replicated.stderr[-4000:]
-    shim, fsdp = str(ROOT / "tests" / "fsdp_on_cpu.py"), _fsdp_environment()
+    fsdp = _fsdp_environment()
     assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "AceLayer"
-    sharded = _torchrun(shim, str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "fsdp", *run), env=fsdp)
+    sharded = _torchrun(
+        FSDP_SHIM, str(SCRIPT), *_args(data, tiny_config_dir, tmp_path / "fsdp", *run), env=fsdp
+    )
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     assert "Distributed environment: DistributedType.FSDP" in sharded.stderr
     sharded_checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2" / "pytorch_model_fsdp_0"
@@ -414,7 +417,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> 
     (resumed_dir / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "fsdp" / "checkpoints" / "step_2", resumed_dir / "checkpoints" / "step_2")
     resumed = _torchrun(
-        shim, str(SCRIPT), *_args(data, tiny_config_dir, resumed_dir, *run, "--resume_from_checkpoint", "latest"),
+        FSDP_SHIM, str(SCRIPT), *_args(data, tiny_config_dir, resumed_dir, *run, "--resume_from_checkpoint", "latest"),
         env=fsdp,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -447,8 +450,7 @@ def test_fsdp_in_bf16_exports_float32_weights_with_each_checkpoint(tmp_path, tin
         "--export_with_checkpoints",
     )
     fsdp = {**_fsdp_environment(), "ACCELERATE_MIXED_PRECISION": "bf16"}
-    shim = str(ROOT / "tests" / "fsdp_on_cpu.py")
-    result = _torchrun(shim, str(SCRIPT), *_args(data, tiny_config_dir, output, *run), env=fsdp)
+    result = _torchrun(FSDP_SHIM, str(SCRIPT), *_args(data, tiny_config_dir, output, *run), env=fsdp)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "mixed precision bf16" in result.stderr
     exported = load_file(output / "model.safetensors")
