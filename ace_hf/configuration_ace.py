@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 from .correspondence_ace import view_geometry_problems
 
 # Named presets. "ace-vit-b" and "ace-swin-b" are the published ACE-B models at 448 px; "ace-vit-tiny"
-# is a small ViT that pretrains in minutes on a 2-core CPU (128 px views, 8 x 8 tokens).
+# is a small ViT that pretrains in minutes on a 2-core CPU (96 px views, 6 x 6 tokens: a step costs 0.65 of an
+# 8 x 8 step, and the extra steps show as few-shot segmentation gains; see docs/results.md).
 ACE_PRESETS: dict[str, dict[str, Any]] = {
     "ace-vit-b": {},
     "ace-swin-b": {
@@ -26,13 +27,13 @@ ACE_PRESETS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-5,  # Swin's (Microsoft, timm), so converted weights give the same outputs
     },
     "ace-vit-tiny": {
-        "image_size": 128,
+        "image_size": 96,
         "patch_size": 16,
         "hidden_size": 192,
         "num_hidden_layers": 4,
         "num_attention_heads": 3,
         "intermediate_size": 768,
-        "view_tokens": 8,
+        "view_tokens": 6,
         "grid_size": 20,
         "dino_hidden_dim": 512,
         "dino_bottleneck_dim": 128,

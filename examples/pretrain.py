@@ -135,9 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Clip the global gradient norm (DINO's code clips each tensor; the global norm works with fp16 "
         "scaling, FSDP and DeepSpeed).",
     )
-    train.add_argument("--num_train_epochs", type=int, default=30)
+    train.add_argument("--num_train_epochs", type=int, default=54)
     train.add_argument("--max_steps", type=int, help="Optimizer steps; overrides --num_train_epochs.")
-    train.add_argument("--warmup_epochs", type=float, default=3.0)
+    train.add_argument("--warmup_epochs", type=float, default=5.0)
     train.add_argument("--freeze_last_layer_epochs", type=float, default=1.0)
     train.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("checkpoints, logging and the Hub")

@@ -124,19 +124,23 @@ def test_render_drr_pose_moves_the_anatomy(ct: drr.ChestCT, film: drr.Radiograph
 def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     dataset = build_default_dataset(num_images=3, image_size=SIZE)
-    folder = tmp_path / "ace_hf" / "chest-drr-v1-n3-s64-seed0"
+    folder = tmp_path / "ace_hf" / "chest-drr-images-v1-n3-s64-seed0"
     assert (folder / "dataset_info.json").is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary leftovers
     assert len(dataset) == 3
-    assert {"image", "anatomy", "rotation_deg", "shift_mm", "scale", "window", "gamma", "noise"} <= set(
-        dataset.column_names
-    )
+    assert set(dataset.column_names) == {"image", *drr.RENDER_FEATURES}  # pretraining needs no labels
     row = dataset[0]
     assert row["image"].mode == "I;16" and row["image"].size == (SIZE, SIZE)
-    assert row["anatomy"].mode == "L"
-    assert np.asarray(row["anatomy"]).max() <= len(ANATOMY_GROUPS)
-    assert anatomy_label_names(dataset) == ["background", *ANATOMY_GROUPS]
     assert not np.array_equal(np.asarray(row["image"]), np.asarray(dataset[1]["image"]))
+
+    labelled = build_default_dataset(num_images=3, image_size=SIZE, with_anatomy=True)
+    assert (tmp_path / "ace_hf" / "chest-drr-v1-n3-s64-seed0").is_dir()
+    assert set(labelled.column_names) == {"image", "anatomy", *drr.RENDER_FEATURES}
+    assert labelled[0]["anatomy"].mode == "L"
+    assert np.asarray(labelled[0]["anatomy"]).max() <= len(ANATOMY_GROUPS)
+    assert anatomy_label_names(labelled) == ["background", *ANATOMY_GROUPS]
+    for image, labelled_image in zip(dataset["image"], labelled["image"], strict=True):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(labelled_image))  # the same renders
 
     def refuse(*args, **kwargs):
         raise AssertionError("rendered although the dataset is cached")

@@ -199,8 +199,8 @@ def test_save_pretrained_round_trip(tmp_path: Path) -> None:
 def test_from_ace_config() -> None:
     config = AceConfig.from_preset("ace-vit-tiny", num_channels=1, min_overlap=0.3)
     processor = AceImageProcessor.from_ace_config(config, blur_prob=0.0)
-    assert processor.size == {"height": 128, "width": 128}
-    assert (processor.cell_size, processor.view_tokens, processor.grid_size) == (16, 8, 20)
+    assert processor.size == {"height": 96, "width": 96}
+    assert (processor.cell_size, processor.view_tokens, processor.grid_size) == (16, 6, 20)
     assert (processor.num_channels, processor.min_overlap, processor.blur_prob) == (1, 0.3, 0.0)
     swin = AceImageProcessor.from_ace_config(AceConfig.from_preset("ace-swin-b"))
     assert (swin.cell_size, swin.view_tokens, swin.size["height"]) == (32, 14, 448)
