@@ -611,7 +611,12 @@ def build_default_dataset(
     if with_anatomy:
         features["anatomy"] = datasets.Image()
         info["anatomy_labels"] = ["background", *ANATOMY_GROUPS]
-    gen_kwargs = {"num_images": num_images, "image_size": image_size, "seed": seed, "with_anatomy": with_anatomy}
+    gen_kwargs = {
+        "num_images": num_images,
+        "image_size": image_size,
+        "seed": seed,
+        "with_anatomy": with_anatomy,
+    }
     return _cached_dataset(path, _render_rows, gen_kwargs, features, info, force)
 
 
