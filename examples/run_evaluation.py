@@ -6,7 +6,8 @@ findings classification (see `ace_hf.evaluation`). Writes `results.json` and `re
 
 Every field of `ace_hf.evaluation.EvaluationConfig` is an option (--num_anatomy_images, --segmentation_shots
 1 5 20, --finetune_steps 0 to skip fine-tuning, ...). `--random_init` adds the first model's architecture
-at random initialization, the baseline a pretrained encoder must beat.
+at random initialization, the baseline a pretrained encoder must beat; `--random_init_seeds 0 1 2` adds the
+random initializations of several pretraining seeds, evaluated on the same crops and draws.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ class ScriptArguments:
     random_init: bool = field(
         default=False, metadata={"help": "Also evaluate the first model's architecture at random init."}
     )
+    random_init_seeds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Random-init columns for these pretraining seeds (the weights `pretrain.py --seed s` starts "
+            "from), all on the same crops and draws (--seed): paired comparisons over several seeds."
+        },
+    )
     output_dir: str = field(default="outputs/evaluation")
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -48,9 +56,13 @@ def load_encoders(args: ScriptArguments, seed: int) -> dict[str, AceModel]:
         name: AceModel.from_pretrained(path)
         for name, path in zip(names, args.model_name_or_path, strict=True)
     }
+    config = next(iter(encoders.values())).config
     if args.random_init:
         torch.manual_seed(seed)
-        encoders["random init"] = AceModel(next(iter(encoders.values())).config)
+        encoders["random init"] = AceModel(config)
+    for init_seed in args.random_init_seeds:
+        torch.manual_seed(init_seed)
+        encoders[f"random init (seed {init_seed})"] = AceModel(config)
     return encoders
 
 

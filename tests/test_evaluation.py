@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ace_hf import AceImageProcessor, AceModel, correspondence_targets, evaluation, sample_view_origins
+from ace_hf import (
+    AceForPreTraining,
+    AceImageProcessor,
+    AceModel,
+    correspondence_targets,
+    evaluation,
+    sample_view_origins,
+)
 from ace_hf.evaluation import (
     EvaluationConfig,
     HeldOutData,
@@ -595,3 +602,30 @@ def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.startswith(f"| metric | {folder} | random init |")
     assert "| classification finetune k4 (AUC) |" in table
+
+
+def test_random_init_seeds_build_the_weights_pretraining_starts_from(tmp_path: Path) -> None:
+    """--random_init_seeds s gives exactly the encoder that `pretrain.py --seed s` initializes (torch.manual_seed(s),
+    then the model), one column per seed, after --random_init's column seeded like the evaluation."""
+    script = load_example("run_evaluation")
+    folder = tmp_path / "encoder"
+    config = tiny_vit_config()
+    AceModel(config).save_pretrained(folder)
+    args, _ = script.HfArgumentParser((script.ScriptArguments, EvaluationConfig)).parse_args_into_dataclasses(
+        ["--model_name_or_path", str(folder), "--random_init", "--random_init_seeds", "3", "4"]
+    )
+    encoders = script.load_encoders(args, seed=7)
+    assert list(encoders)[1:] == ["random init", "random init (seed 3)", "random init (seed 4)"]
+    for name, seed in (("random init", 7), ("random init (seed 3)", 3), ("random init (seed 4)", 4)):
+        torch.manual_seed(seed)
+        expected = AceModel(config).state_dict()
+        actual = encoders[name].state_dict()
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), name
+    torch.manual_seed(3)
+    student = AceForPreTraining(config).student.ace.state_dict()
+    reference = encoders["random init (seed 3)"].state_dict()
+    assert all(torch.equal(student[key], reference[key]) for key in reference)
+    assert not torch.equal(
+        encoders["random init (seed 3)"].embeddings.position_embeddings,
+        encoders["random init (seed 4)"].embeddings.position_embeddings,
+    )
