@@ -73,6 +73,9 @@ class AceConfig(PretrainedConfig):
         local_temperature: temperature of the matrix-matching logits (logit scale = 1 / it).
         decomposition_alpha, composition_alpha: positive-class weights of the soft BCE losses.
         global_loss_weight, local_loss_weight: weights of the two loss terms in the total.
+        student_mask_ratio: share of each student view's token cells blanked (set to the normalized mean
+            intensity) in pretraining; the teacher sees the whole views, so the student must infer the blanked
+            cells' targets from their context. 0 (ACE as published) disables it.
         teacher_momentum, teacher_momentum_end: cosine schedule of the teacher EMA momentum.
         classifier_pooling: input of `AceForImageClassification`'s head: "mean" (the pooled patch tokens) or
             "cls_mean" (ViT only: CLS token and pooled patch tokens concatenated).
@@ -119,6 +122,7 @@ class AceConfig(PretrainedConfig):
         composition_alpha: float = 0.9,
         global_loss_weight: float = 0.1,
         local_loss_weight: float = 1.0,
+        student_mask_ratio: float = 0.0,
         teacher_momentum: float = 0.996,
         teacher_momentum_end: float = 1.0,
         classifier_pooling: str = "mean",
@@ -161,6 +165,7 @@ class AceConfig(PretrainedConfig):
         self.composition_alpha = composition_alpha
         self.global_loss_weight = global_loss_weight
         self.local_loss_weight = local_loss_weight
+        self.student_mask_ratio = student_mask_ratio
         self.teacher_momentum = teacher_momentum
         self.teacher_momentum_end = teacher_momentum_end
         self.classifier_pooling = classifier_pooling
@@ -254,6 +259,8 @@ class AceConfig(PretrainedConfig):
         for field in ("center_momentum", "decomposition_alpha", "composition_alpha"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 fail(field, "must be in [0, 1]")
+        if not 0.0 <= self.student_mask_ratio < 1.0:
+            fail("student_mask_ratio", "must be in [0, 1): the student needs some visible cells")
         if not 0.0 <= self.teacher_momentum <= self.teacher_momentum_end <= 1.0:
             fail(
                 "teacher_momentum",

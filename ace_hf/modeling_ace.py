@@ -526,6 +526,18 @@ class AceDownsampler(nn.Module):
         return self.mlp(blocks.reshape(batch, (side // 2) ** 2, 4 * channels))
 
 
+def blank_random_cells(pixels: torch.Tensor, ratio: float, stride: int) -> torch.Tensor:
+    """`pixels` with round(ratio * tokens) random `stride x stride` token cells per image set to 0 (the normalized
+    mean intensity), a different draw per image."""
+    batch, _, height, width = pixels.shape
+    rows, cols = height // stride, width // stride
+    count = round(ratio * rows * cols)
+    rank = torch.rand(batch, rows * cols, device=pixels.device).argsort(1).argsort(1)
+    keep = (rank >= count).view(batch, 1, rows, cols)
+    keep = keep.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
+    return pixels * keep.to(pixels.dtype)
+
+
 class AceBranch(nn.Module):
     """Encoder + global head + dense head: the part the teacher mirrors from the student."""
 
@@ -701,7 +713,10 @@ class AceForPreTraining(AcePreTrainedModel):
         # Both views go through each branch as one batch: [large; small].
         pixels = torch.cat([pixel_values_large, pixel_values_small])
         overlap = torch.cat([targets.overlap_large, targets.overlap_small])
-        student_global, student_dense = self.student(pixels, overlap)
+        student_pixels = pixels
+        if self.training and config.student_mask_ratio > 0:
+            student_pixels = blank_random_cells(pixels, config.student_mask_ratio, config.token_stride)
+        student_global, student_dense = self.student(student_pixels, overlap)
         with torch.no_grad():
             teacher_global, teacher_dense = self.teacher(pixels, overlap)
         student_global_large, student_global_small = student_global.chunk(2)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ace_hf import AceForPreTraining, AceImageProcessor, AceModel, correspondence_targets, sample_view_origins
-from ace_hf.modeling_ace import AceDownsampler, AceUpsampler
+from ace_hf.modeling_ace import AceDownsampler, AceUpsampler, blank_random_cells
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
 
@@ -249,3 +249,44 @@ def test_up_and_down_sampler_layouts_match_the_target_columns() -> None:
             if targets.overlap_large[b, token]:
                 match = pooled[b, composition_peaks[b, token]]
                 torch.testing.assert_close(match, large_quadrants[b, token], atol=1e-5, rtol=0)
+
+
+def test_blank_random_cells_blanks_whole_cells_and_exactly_the_ratio() -> None:
+    pixels = torch.rand(3, 2, 48, 64) + 1.0  # no zero pixel before blanking
+    blanked = blank_random_cells(pixels, 0.25, 16)
+    cells = (
+        (blanked == 0).view(3, 2, 3, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).flatten(3)
+    )  # [B, rows, cols, px]
+    assert bool((cells.all(-1) | ~cells.any(-1)).all()), "a cell is partly blanked"
+    assert cells.all(-1).sum((1, 2)).tolist() == [3, 3, 3]  # round(0.25 * 12) per image
+    kept = ~cells.any(-1)
+    torch.testing.assert_close(
+        blanked.view(3, 2, 3, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).flatten(3)[kept],
+        pixels.view(3, 2, 3, 16, 4, 16).permute(0, 2, 4, 1, 3, 5).flatten(3)[kept],
+    )
+    assert not torch.equal(cells[0], cells[1]) or not torch.equal(cells[1], cells[2])
+
+
+def test_student_mask_ratio_blanks_only_the_students_views_in_training() -> None:
+    config = tiny_vit_config(student_mask_ratio=0.5)
+    model = AceForPreTraining(config)
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("student", "teacher"):
+        getattr(model, name).register_forward_pre_hook(
+            lambda _, args, name=name: seen.update({name: args[0]})
+        )
+    batch = _batch(config)
+    full = torch.cat([batch["pixel_values_large"], batch["pixel_values_small"]])
+    model.train()(**batch)
+    torch.testing.assert_close(seen["teacher"], full)
+    blank = seen["student"] == 0
+    assert 0.4 < blank.float().mean() < 0.6
+    torch.testing.assert_close(seen["student"][~blank], full[~blank])
+    model.eval()(**batch)
+    torch.testing.assert_close(seen["student"], full)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0])
+def test_student_mask_ratio_outside_0_1_raises(ratio: float) -> None:
+    with pytest.raises(ValueError, match="student_mask_ratio"):
+        tiny_vit_config(student_mask_ratio=ratio)
