@@ -388,6 +388,14 @@ def block_maps(count: int, side: int, block: int, labels: int, generator: torch.
     return blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)
 
 
+def test_matching_uses_every_anatomy_render_unless_told_otherwise() -> None:
+    assert EvaluationConfig(num_anatomy_images=10).matching_images == 10
+    assert EvaluationConfig(num_anatomy_images=10, matching_images=4).matching_images == 4
+    for bad in (1, 11):
+        with pytest.raises(ValueError, match="matching_images"):
+            EvaluationConfig(num_anatomy_images=10, matching_images=bad)
+
+
 def fewshot_config(**overrides) -> EvaluationConfig:
     fields = {
         "num_anatomy_images": 12,
