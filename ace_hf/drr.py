@@ -18,11 +18,14 @@ from __future__ import annotations
 import csv
 import fnmatch
 import functools
+import glob
 import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -544,6 +547,37 @@ def _heldout_rows(
         yield row
 
 
+def _build_prefix(path: Path) -> str:
+    """Name prefix of `path`'s temporary build folders on this host; the building process's id follows it."""
+    return f".{path.name}-{socket.gethostname()}-pid"
+
+
+def _remove_abandoned_builds(path: Path) -> None:
+    """Delete temporary build folders of `path` left on this host by processes that no longer run.
+
+    A build killed outright (SIGKILL, out of memory) never reaches its cleanup. Folders of live processes, of other
+    hosts (a shared cache) and every folder on platforms without POSIX signals are left alone.
+    """
+    if os.name != "posix":
+        return
+    prefix = _build_prefix(path)
+    for folder in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_is_running(int(pid)):
+            logger.info("Removing %s, left by an interrupted render", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _cached_dataset(
     path: Path,
     rows: Any,
@@ -553,7 +587,8 @@ def _cached_dataset(
     force: bool,
 ) -> datasets.Dataset:
     """Load the dataset at `path`, or render it there first. The folder appears atomically (rendered into a
-    temporary sibling, then renamed), so an interrupted build leaves no partial dataset."""
+    temporary sibling, then renamed), so an interrupted build leaves no partial dataset; the temporary folder of a
+    build killed outright is removed by the next build of the same dataset."""
     if path.is_dir() and not force:
         logger.info("Loading rendered radiographs from %s", path)
         return datasets.load_from_disk(str(path))
@@ -561,7 +596,8 @@ def _cached_dataset(
         "Rendering %d radiographs of %d px into %s", gen_kwargs["num_images"], gen_kwargs["image_size"], path
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    _remove_abandoned_builds(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_build_prefix(path)}{os.getpid()}-", dir=path.parent))
     try:
         dataset = datasets.Dataset.from_generator(
             rows, features=datasets.Features(features), gen_kwargs=gen_kwargs, cache_dir=str(tmp / "arrow")

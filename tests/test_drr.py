@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -159,6 +163,41 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
     rebuilt = build_default_dataset(num_images=3, image_size=SIZE, force=True)
     assert len(calls) == 3 and len(rebuilt) == 3
     np.testing.assert_array_equal(np.asarray(rebuilt[2]["image"]), np.asarray(dataset[2]["image"]))
+
+
+def test_a_render_removes_the_temporary_folders_of_killed_builds(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build killed outright leaves its temporary folder; the next build of the same dataset on this host removes
+    it, and leaves alone those of running processes, of other hosts and of other datasets."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    root = tmp_path / "ace_hf"
+    target = root / "chest-drr-images-v1-n2-s64-seed0"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    dead = root / f"{drr._build_prefix(target)}{finished.pid}-x1"
+    running = root / f"{drr._build_prefix(target)}{os.getpid()}-x2"
+    other_host = root / f".{target.name}-another-host-pid{finished.pid}-x3"
+    other_dataset = root / f"{drr._build_prefix(root / 'chest-drr-images-v1-n20-s64-seed0')}{finished.pid}-x4"
+    for folder in (dead, running, other_host, other_dataset):
+        (folder / "arrow").mkdir(parents=True)
+
+    created: list[str] = []
+    real_mkdtemp = drr.tempfile.mkdtemp
+
+    def recording_mkdtemp(**kwargs) -> str:
+        created.append(real_mkdtemp(**kwargs))
+        return created[-1]
+
+    monkeypatch.setattr(drr.tempfile, "mkdtemp", recording_mkdtemp)
+    build_default_dataset(num_images=2, image_size=SIZE)
+
+    # The build's own temporary folder carries the name the cleanup looks for.
+    assert len(created) == 1
+    assert Path(created[0]).name.startswith(f"{drr._build_prefix(target)}{os.getpid()}-")
+    assert not dead.exists()
+    assert running.exists() and other_host.exists() and other_dataset.exists()
+    assert (target / "dataset_info.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------------
