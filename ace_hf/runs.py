@@ -31,6 +31,26 @@ class RunMismatchError(ValueError):
     """A checkpoint belongs to another run, or lies past the planned end of this one."""
 
 
+class LaunchError(RuntimeError):
+    """The launcher started more processes than joined the run: each would train alone into the same folder."""
+
+
+def check_launch(num_processes: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Fail before anything is written when the launcher's WORLD_SIZE exceeds the processes Accelerate runs.
+
+    torchrun on a machine without CUDA starts N processes, but Accelerate makes each a run of its own unless it is
+    told to use the CPU: N copies would then train the same model and write the same output folder at once.
+    """
+    launched = int(environ.get("WORLD_SIZE", "1"))
+    if launched > num_processes:
+        raise LaunchError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but only {num_processes} joined "
+            f"this run, so each would train alone and write the same --output_dir. On CPUs, set "
+            f"ACCELERATE_USE_CPU=true: `ACCELERATE_USE_CPU=true torchrun --nproc_per_node {launched} "
+            "examples/pretrain.py ...`."
+        )
+
+
 def other_runs_work(output_dir: Path) -> list[str]:
     """What in `output_dir` belongs to an earlier run: its export files and its checkpoints folder."""
     held = [name for name in EXPORT_MARKERS if (output_dir / name).exists()]

@@ -54,8 +54,10 @@ from ace_hf.optimization import (
     scaled_learning_rate,
 )
 from ace_hf.runs import (
+    LaunchError,
     OutputDirError,
     RunMismatchError,
+    check_launch,
     check_output_dir,
     check_resume,
     clear_previous_run,
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    check_launch(accelerator.num_processes)
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
 
@@ -779,5 +782,9 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (OutputDirError, RunMismatchError) as error:  # refused before anything was loaded: one line
+    except (
+        LaunchError,
+        OutputDirError,
+        RunMismatchError,
+    ) as error:  # refused before anything was loaded: one line
         sys.exit(f"error: {error}")

@@ -395,6 +395,21 @@ def _fsdp_environment() -> dict[str, str]:
     }
 
 
+def test_torchrun_on_cpus_without_accelerate_use_cpu_stops_before_writing(tmp_path, tiny_config_dir) -> None:
+    """Without ACCELERATE_USE_CPU, Accelerate makes each of torchrun's CPU processes a run of its own; the script
+    must refuse (naming the fix) instead of letting two runs write one folder."""
+    data = _write_images(tmp_path / "data", 8)
+    output = tmp_path / "run"
+    result = _torchrun(
+        str(SCRIPT),
+        *_args(data, tiny_config_dir, output, "--max_steps", "2"),
+        env={"ACCELERATE_USE_CPU": "false"},
+    )
+    assert result.returncode != 0
+    assert "WORLD_SIZE=2" in result.stderr and "ACCELERATE_USE_CPU=true torchrun" in result.stderr
+    assert not output.exists() or not any(output.iterdir())
+
+
 def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> None:
     """Sharded student, EMA teacher and optimizer (Accelerate's FSDP2, 2 CPU processes): the export equals the
     replicated (DDP) run's, and resuming from a sharded checkpoint ends where the uninterrupted run does."""

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from ace_hf.runs import (
+    LaunchError,
     OutputDirError,
     RunMismatchError,
+    check_launch,
     check_output_dir,
     check_resume,
     clear_previous_run,
@@ -29,6 +31,15 @@ def _finished_run(folder: Path) -> Path:
     (folder / "model.safetensors").write_bytes(b"weights")
     (folder / "config.json").write_text("{}")
     return folder
+
+
+def test_check_launch_refuses_processes_that_did_not_join_the_run() -> None:
+    check_launch(1, {})  # python or accelerate launch: no WORLD_SIZE
+    check_launch(2, {"WORLD_SIZE": "2"})
+    with pytest.raises(
+        LaunchError, match=r"WORLD_SIZE=4.*only 1 joined.*ACCELERATE_USE_CPU=true torchrun --nproc_per_node 4"
+    ):
+        check_launch(1, {"WORLD_SIZE": "4"})
 
 
 def test_a_folder_with_another_runs_work_is_refused_unless_resumed_or_overwritten(tmp_path) -> None:
