@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ LAYOUT = ("I", "L", "P")
 MU_WATER = 0.02  # linear attenuation of water in 1/mm at a chest-radiograph effective energy (~60 keV)
 DEFAULT_FOV_MM = 330.0  # square field of view at the isocenter: the CT's full head-feet extent
 DEFAULT_SOURCE_DISTANCE_MM = 1650.0  # source to isocenter of a 1.8 m PA chest setup
+ABANDONED_BUILD_IDLE_S = (
+    3600.0  # a temporary render folder this long untouched, its process gone, is abandoned
+)
 SHARPEN_SIGMA_MM = 8.0  # unsharp-mask scale of radiograph processing: enhances rib-sized detail
 
 # Structure groups projected into the anatomy label map (value = position + 1; 0 = background), as
@@ -553,19 +557,34 @@ def _build_prefix(path: Path) -> str:
 
 
 def _remove_abandoned_builds(path: Path) -> None:
-    """Delete temporary build folders of `path` left on this host by processes that no longer run.
+    """Delete temporary build folders of `path` left on this host by processes that no longer run and untouched for
+    ABANDONED_BUILD_IDLE_S.
 
     A build killed outright (SIGKILL, out of memory) never reaches its cleanup. Folders of live processes, of other
-    hosts (a shared cache) and every folder on platforms without POSIX signals are left alone.
+    hosts (a shared cache), recently written ones (a build in another PID namespace under the same host name, such
+    as a container) and every folder on platforms without POSIX signals are left alone.
     """
     if os.name != "posix":
         return
     prefix = _build_prefix(path)
     for folder in path.parent.glob(f"{glob.escape(prefix)}*"):
         pid = folder.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _process_is_running(int(pid)):
+        if (
+            pid.isdigit()
+            and not _process_is_running(int(pid))
+            and _idle_seconds(folder) > ABANDONED_BUILD_IDLE_S
+        ):
             logger.info("Removing %s, left by an interrupted render", folder)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _idle_seconds(folder: Path) -> float:
+    """Seconds since anything in `folder` (itself included) was last modified; 0 when files vanish meanwhile (in use)."""
+    try:
+        newest = max([folder.stat().st_mtime, *(item.stat().st_mtime for item in folder.rglob("*"))])
+    except OSError:
+        return 0.0
+    return time.time() - newest
 
 
 def _process_is_running(pid: int) -> bool:

@@ -61,7 +61,7 @@ class EvaluationConfig:
         crop_fraction: side of the random crops of the property analysis, as a fraction of the render.
         matching_images: renders used for anatomical and landmark matching (all ordered pairs); None: all
             `num_anatomy_images`. Fewer renders make matching depend on which crops were drawn: with 24 (the
-            default until 2026-11-26) the crops of two seeds moved every encoder by 0.03 (docs/results.md).
+            default until 2026-11-26) the crops of two seeds moved the scores by 0.02 to 0.04 (docs/results.md).
         min_label_fraction: a patch gets a structure label when that structure covers at least this
             fraction of its pixels (else it is ignored).
         segmentation_shots, classification_shots: k labelled radiographs of the few-shot tasks.
@@ -101,6 +101,10 @@ class EvaluationConfig:
             raise ValueError(f"EvaluationConfig.crop_fraction={self.crop_fraction}: must be in (0, 1]")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"EvaluationConfig.test_fraction={self.test_fraction}: must be in (0, 1)")
+        if self.matching_images is None and self.num_anatomy_images < 2:
+            raise ValueError(
+                f"EvaluationConfig.num_anatomy_images={self.num_anatomy_images}: matching needs at least 2 renders"
+            )
         if self.matching_images is None:
             self.matching_images = self.num_anatomy_images
         if self.matching_images < 2 or self.matching_images > self.num_anatomy_images:

@@ -528,10 +528,10 @@ class AceDownsampler(nn.Module):
 
 def blank_random_cells(pixels: torch.Tensor, ratio: float, stride: int) -> torch.Tensor:
     """`pixels` with round(ratio * tokens) random `stride x stride` token cells per image set to 0 (the normalized
-    mean intensity), a different draw per image."""
+    mean intensity), a different draw per image; at least one cell stays visible."""
     batch, _, height, width = pixels.shape
     rows, cols = height // stride, width // stride
-    count = round(ratio * rows * cols)
+    count = min(round(ratio * rows * cols), rows * cols - 1)
     rank = torch.rand(batch, rows * cols, device=pixels.device).argsort(1).argsort(1)
     keep = (rank >= count).view(batch, 1, rows, cols)
     keep = keep.repeat_interleave(stride, 2).repeat_interleave(stride, 3)

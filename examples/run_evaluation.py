@@ -39,8 +39,9 @@ class ScriptArguments:
     random_init_seeds: list[int] = field(
         default_factory=list,
         metadata={
-            "help": "Random-init columns for these pretraining seeds (the weights `pretrain.py --seed s` starts "
-            "from), all on the same crops and draws (--seed): paired comparisons over several seeds."
+            "help": "Random-init columns of the first model's architecture for these seeds (the weights a "
+            "from-scratch `pretrain.py --seed s` run starts from), all on the same crops and draws (--seed): "
+            "paired comparisons over several seeds."
         },
     )
     output_dir: str = field(default="outputs/evaluation")

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -169,7 +170,8 @@ def test_a_render_removes_the_temporary_folders_of_killed_builds(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build killed outright leaves its temporary folder; the next build of the same dataset on this host removes
-    it, and leaves alone those of running processes, of other hosts and of other datasets."""
+    it once it has been idle for an hour, and leaves alone those of running processes, of other hosts, of other
+    datasets and recently written ones."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     root = tmp_path / "ace_hf"
     target = root / "chest-drr-images-v1-n2-s64-seed0"
@@ -179,8 +181,16 @@ def test_a_render_removes_the_temporary_folders_of_killed_builds(
     running = root / f"{drr._build_prefix(target)}{os.getpid()}-x2"
     other_host = root / f".{target.name}-another-host-pid{finished.pid}-x3"
     other_dataset = root / f"{drr._build_prefix(root / 'chest-drr-images-v1-n20-s64-seed0')}{finished.pid}-x4"
-    for folder in (dead, running, other_host, other_dataset):
+    recent = (
+        root / f"{drr._build_prefix(target)}{finished.pid}-x5"
+    )  # its process is gone, but it was just written
+    for folder in (dead, running, other_host, other_dataset, recent):
         (folder / "arrow").mkdir(parents=True)
+        (folder / "arrow" / "part.arrow").write_bytes(b"")
+        if folder != recent:
+            hours_ago = time.time() - 2 * drr.ABANDONED_BUILD_IDLE_S
+            for item in (folder, folder / "arrow", folder / "arrow" / "part.arrow"):
+                os.utime(item, (hours_ago, hours_ago))
 
     created: list[str] = []
     real_mkdtemp = drr.tempfile.mkdtemp
@@ -196,7 +206,7 @@ def test_a_render_removes_the_temporary_folders_of_killed_builds(
     assert len(created) == 1
     assert Path(created[0]).name.startswith(f"{drr._build_prefix(target)}{os.getpid()}-")
     assert not dead.exists()
-    assert running.exists() and other_host.exists() and other_dataset.exists()
+    assert running.exists() and other_host.exists() and other_dataset.exists() and recent.exists()
     assert (target / "dataset_info.json").is_file()
 
 

@@ -394,6 +394,8 @@ def test_matching_uses_every_anatomy_render_unless_told_otherwise() -> None:
     for bad in (1, 11):
         with pytest.raises(ValueError, match="matching_images"):
             EvaluationConfig(num_anatomy_images=10, matching_images=bad)
+    with pytest.raises(ValueError, match="num_anatomy_images=1: matching needs at least 2"):
+        EvaluationConfig(num_anatomy_images=1)
 
 
 def fewshot_config(**overrides) -> EvaluationConfig:
@@ -613,8 +615,9 @@ def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_
 
 
 def test_random_init_seeds_build_the_weights_pretraining_starts_from(tmp_path: Path) -> None:
-    """--random_init_seeds s gives exactly the encoder that `pretrain.py --seed s` initializes (torch.manual_seed(s),
-    then the model), one column per seed, after --random_init's column seeded like the evaluation."""
+    """--random_init_seeds s gives exactly the student encoder of AceForPreTraining(config) built after
+    torch.manual_seed(s), as a from-scratch pretraining run builds it; one column per seed, after --random_init's
+    column seeded like the evaluation."""
     script = load_example("run_evaluation")
     folder = tmp_path / "encoder"
     config = tiny_vit_config()

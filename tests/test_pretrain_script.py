@@ -403,7 +403,7 @@ def test_torchrun_on_cpus_without_accelerate_use_cpu_stops_before_writing(tmp_pa
     result = _torchrun(
         str(SCRIPT),
         *_args(data, tiny_config_dir, output, "--max_steps", "2"),
-        env={"ACCELERATE_USE_CPU": "false"},
+        env={"ACCELERATE_USE_CPU": "false", "CUDA_VISIBLE_DEVICES": ""},  # CPUs only, even on a GPU machine
     )
     assert result.returncode != 0
     assert "WORLD_SIZE=2" in result.stderr and "ACCELERATE_USE_CPU=true torchrun" in result.stderr

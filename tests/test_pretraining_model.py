@@ -252,6 +252,7 @@ def test_up_and_down_sampler_layouts_match_the_target_columns() -> None:
 
 
 def test_blank_random_cells_blanks_whole_cells_and_exactly_the_ratio() -> None:
+    torch.manual_seed(0)
     pixels = torch.rand(3, 2, 48, 64) + 1.0  # no zero pixel before blanking
     blanked = blank_random_cells(pixels, 0.25, 16)
     cells = (
@@ -284,6 +285,12 @@ def test_student_mask_ratio_blanks_only_the_students_views_in_training() -> None
     torch.testing.assert_close(seen["student"][~blank], full[~blank])
     model.eval()(**batch)
     torch.testing.assert_close(seen["student"], full)
+
+
+def test_blank_random_cells_keeps_one_cell_visible() -> None:
+    blanked = blank_random_cells(torch.ones(2, 1, 32, 32), 0.99, 16)
+    visible = (blanked != 0).view(2, 2, 16, 2, 16).permute(0, 1, 3, 2, 4).flatten(3).all(-1)
+    assert visible.sum((1, 2)).tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0])

@@ -35,11 +35,12 @@ def _finished_run(folder: Path) -> Path:
 
 def test_check_launch_refuses_processes_that_did_not_join_the_run() -> None:
     check_launch(1, {})  # python or accelerate launch: no WORLD_SIZE
-    check_launch(2, {"WORLD_SIZE": "2"})
+    check_launch(1, {"WORLD_SIZE": "4"})  # left in the environment, not a torchrun process
+    check_launch(2, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     with pytest.raises(
         LaunchError, match=r"WORLD_SIZE=4.*only 1 joined.*ACCELERATE_USE_CPU=true torchrun --nproc_per_node 4"
     ):
-        check_launch(1, {"WORLD_SIZE": "4"})
+        check_launch(1, {"WORLD_SIZE": "4", "LOCAL_RANK": "0"})
 
 
 def test_a_folder_with_another_runs_work_is_refused_unless_resumed_or_overwritten(tmp_path) -> None:
