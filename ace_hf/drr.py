@@ -49,9 +49,8 @@ LAYOUT = ("I", "L", "P")
 MU_WATER = 0.02  # linear attenuation of water in 1/mm at a chest-radiograph effective energy (~60 keV)
 DEFAULT_FOV_MM = 330.0  # square field of view at the isocenter: the CT's full head-feet extent
 DEFAULT_SOURCE_DISTANCE_MM = 1650.0  # source to isocenter of a 1.8 m PA chest setup
-ABANDONED_BUILD_IDLE_S = (
-    3600.0  # a temporary render folder this long untouched, its process gone, is abandoned
-)
+# A temporary render folder untouched this long, whose process is gone, was abandoned by a killed build.
+ABANDONED_BUILD_IDLE_S = 3600.0
 SHARPEN_SIGMA_MM = 8.0  # unsharp-mask scale of radiograph processing: enhances rib-sized detail
 
 # Structure groups projected into the anatomy label map (value = position + 1; 0 = background), as

@@ -101,11 +101,11 @@ class EvaluationConfig:
             raise ValueError(f"EvaluationConfig.crop_fraction={self.crop_fraction}: must be in (0, 1]")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"EvaluationConfig.test_fraction={self.test_fraction}: must be in (0, 1)")
-        if self.matching_images is None and self.num_anatomy_images < 2:
-            raise ValueError(
-                f"EvaluationConfig.num_anatomy_images={self.num_anatomy_images}: matching needs at least 2 renders"
-            )
         if self.matching_images is None:
+            if self.num_anatomy_images < 2:
+                raise ValueError(
+                    f"EvaluationConfig.num_anatomy_images={self.num_anatomy_images}: matching needs at least 2 renders"
+                )
             self.matching_images = self.num_anatomy_images
         if self.matching_images < 2 or self.matching_images > self.num_anatomy_images:
             raise ValueError(

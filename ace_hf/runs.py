@@ -41,9 +41,8 @@ def check_launch(num_processes: int, environ: Mapping[str, str] = os.environ) ->
     torchrun on a machine without CUDA starts N processes, but Accelerate makes each a run of its own unless it is
     told to use the CPU: N copies would then train the same model and write the same output folder at once.
     """
-    if (
-        "LOCAL_RANK" not in environ
-    ):  # not started by torchrun / torch.distributed (a stale WORLD_SIZE alone is not)
+    # Only processes started by torchrun / torch.distributed (a stale WORLD_SIZE alone is no launch).
+    if "LOCAL_RANK" not in environ:
         return
     launched = int(environ.get("WORLD_SIZE", "1"))
     if launched > num_processes:

@@ -782,9 +782,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (
-        LaunchError,
-        OutputDirError,
-        RunMismatchError,
-    ) as error:  # refused before anything was loaded: one line
-        sys.exit(f"error: {error}")
+    except (LaunchError, OutputDirError, RunMismatchError) as error:
+        sys.exit(f"error: {error}")  # refused before anything was loaded or written: one line, no traceback
