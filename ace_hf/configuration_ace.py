@@ -38,12 +38,19 @@ ACE_PRESETS: dict[str, dict[str, Any]] = {
         "dino_hidden_dim": 512,
         "dino_bottleneck_dim": 128,
         "dino_out_dim": 4096,
+        "position_embedding_init": "sincos",
     },
 }
 
 # Fields only one backbone reads: a config serializes its own backbone's fields, not the other's defaults.
 BACKBONE_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
-    "vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+    "vit": (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "position_embedding_init",
+    ),
     "swin": ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio"),
 }
 
@@ -62,6 +69,10 @@ class AceConfig(PretrainedConfig):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: ViT width and depth.
         hidden_act, layer_norm_eps, qkv_bias, hidden_dropout_prob, attention_probs_dropout_prob,
             drop_path_rate, initializer_range: usual transformer settings.
+        position_embedding_init: ViT position embeddings at initialization: "trunc_normal" (std
+            `initializer_range`, as ACE and ViT publish) or "sincos" (2-D sin-cos as in MAE, still trained). At
+            std 0.02 they are about 30x smaller than the patch embeddings, so a short run starts, and ends, with
+            next to no position in its tokens; sin-cos gives it from the first step (docs/results.md).
         embed_dim, depths, num_heads, window_size, mlp_ratio: Swin settings (stage widths double).
         view_tokens: n, token grid side of one view (14 at 448 px with stride 32).
         grid_size: cells per side of the jittered image the two views are cut from.
@@ -101,6 +112,7 @@ class AceConfig(PretrainedConfig):
         attention_probs_dropout_prob: float = 0.0,
         drop_path_rate: float = 0.1,
         initializer_range: float = 0.02,
+        position_embedding_init: str = "trunc_normal",
         embed_dim: int = 128,
         depths: list[int] | tuple[int, ...] = (2, 2, 18, 2),
         num_heads: list[int] | tuple[int, ...] = (4, 8, 16, 32),
@@ -144,6 +156,7 @@ class AceConfig(PretrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.drop_path_rate = drop_path_rate
         self.initializer_range = initializer_range
+        self.position_embedding_init = position_embedding_init
         self.embed_dim = embed_dim
         self.depths = list(depths)
         self.num_heads = list(num_heads)
@@ -225,6 +238,13 @@ class AceConfig(PretrainedConfig):
         if self.backbone_type == "vit":
             if self.hidden_size % self.num_attention_heads:
                 fail("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+            if self.position_embedding_init not in ("trunc_normal", "sincos"):
+                fail("position_embedding_init", 'must be "trunc_normal" or "sincos"')
+            if self.position_embedding_init == "sincos" and self.hidden_size % 4:
+                fail(
+                    "position_embedding_init",
+                    f'"sincos" needs hidden_size divisible by 4, got {self.hidden_size}',
+                )
         else:
             if len(self.num_heads) != len(self.depths):
                 fail("num_heads", f"needs one entry per stage of depths={self.depths}")

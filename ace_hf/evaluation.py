@@ -220,10 +220,12 @@ def anatomical_matching(features: torch.Tensor, labels: torch.Tensor) -> dict[st
         labels: [N, h, w] structure per patch (-1: none).
     Returns:
         balanced_accuracy (mean over structures of the per-structure hit rate), accuracy, chance (the
-        balanced hit rate of a uniformly random patch of j), num_structures and num_queries.
+        balanced hit rate of a uniformly random patch of j), position_only (the balanced accuracy of guessing
+        the patch at the same place in j: what knowing only where a patch sits in its image scores),
+        num_structures and num_queries.
     """
     tokens, flat = _unit(features), labels.flatten(1)
-    predictions, references, chance = [], [], []
+    predictions, references, chance, same_place = [], [], [], []
     for i in range(len(tokens)):
         for j in range(len(tokens)):
             if i == j:
@@ -234,16 +236,20 @@ def anatomical_matching(features: torch.Tensor, labels: torch.Tensor) -> dict[st
                 continue
             nearest = (tokens[i][query] @ tokens[j].T).argmax(-1)
             predictions.append(flat[j][nearest])
+            same_place.append(flat[j][query])
             references.append(flat[i][query])
             chance.append((flat[i][query, None] == flat[j][None, :]).double().mean(-1))
     predictions, references, chance = torch.cat(predictions), torch.cat(references), torch.cat(chance)
-    scores = load_metric("balanced_accuracy").compute(predictions=predictions, references=references)
+    balanced_accuracy = load_metric("balanced_accuracy")
+    scores = balanced_accuracy.compute(predictions=predictions, references=references)
+    position_only = balanced_accuracy.compute(predictions=torch.cat(same_place), references=references)
     structures = references.unique()
     chance_per_structure = torch.stack([chance[references == s].mean() for s in structures])
     return {
         "balanced_accuracy": float(scores["balanced_accuracy"]),
         "accuracy": float((predictions == references).double().mean()),
         "chance": float(chance_per_structure.mean()),
+        "position_only": float(position_only["balanced_accuracy"]),
         "num_structures": len(structures),
         "num_queries": len(references),
     }
@@ -675,10 +681,17 @@ def results_markdown(results: dict[str, dict[str, Any]]) -> str:
         cells = [_format(table[name].get(metric, math.nan)) for name in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     first = results[names[0]]["properties"]
+    matching = first["anatomical_matching"]
+    # results.json files written before the position-only reference existed still render (model cards).
+    same_place = (
+        f" (the same place in the other image: {matching['position_only']:.3f})"
+        if "position_only" in matching
+        else ""
+    )
     lines.append("")
     lines.append(
-        f"Chance: anatomical matching {first['anatomical_matching']['chance']:.3f} over "
-        f"{first['anatomical_matching']['num_structures']} structures; view correspondence "
+        f"Chance: anatomical matching {matching['chance']:.3f} over "
+        f"{matching['num_structures']} structures{same_place}; view correspondence "
         f"{first['view_correspondence']['chance']:.3f}; landmark error of a position-only guess "
         f"{first['landmark_matching']['position_only_median_error_px']:.1f} px; AUC 0.5."
     )

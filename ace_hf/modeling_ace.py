@@ -85,6 +85,19 @@ class AcePatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
+def sincos_position_embeddings(side: int, dim: int) -> torch.Tensor:
+    """[1, 1 + side*side, dim] 2-D sin-cos position embeddings of a square grid, laid out as MAE's
+    (`[sin(row) | cos(row) | sin(col) | cos(col)]`, frequencies 1 / 10000^(k / (dim / 4))), with a zero row for
+    the CLS token. Written here because transformers' own helper is private to ViT-MAE and renamed across 5.x."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+    angles = [coordinate.flatten().outer(omega) for coordinate in (rows, cols)]
+    grid = torch.cat([angles[0].sin(), angles[0].cos(), angles[1].sin(), angles[1].cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), grid]).unsqueeze(0).float()
+
+
 class AceEmbeddings(nn.Module):
     """CLS token plus patch embeddings plus position embeddings, interpolated to any (also non-square) grid."""
 
@@ -333,7 +346,13 @@ class AcePreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, AceEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
+            if self.config.position_embedding_init == "sincos":
+                init.copy_(
+                    module.position_embeddings,
+                    sincos_position_embeddings(module.grid_side, module.position_embeddings.shape[-1]),
+                )
+            else:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, AceNormalizedLinear):
             init.trunc_normal_(module.weight, mean=0.0, std=self.config.initializer_range)

@@ -3,6 +3,7 @@ truth it uses is exact, and the suite (and examples/run_evaluation.py) runs end 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -161,6 +162,18 @@ def test_anatomical_matching_skips_structures_absent_from_the_target() -> None:
     assert scores["balanced_accuracy"] == 1.0
     # 6 queries see 5/16 of the target as structure 1, 5 queries see 6/16.
     assert scores["chance"] == pytest.approx((6 * 5 / 16 + 5 * 6 / 16) / 11)
+
+
+def test_anatomical_matching_position_only_reference_counts_same_place_hits() -> None:
+    """Structure 1 sits on row 0 of both radiographs, structure 2 on row 1 of one and row 2 of the other:
+    guessing the same place hits every structure-1 query and no structure-2 query, 0.5 balanced."""
+    first, second = torch.full((4, 4), -1), torch.full((4, 4), -1)
+    first[0], second[0] = 1, 1
+    first[1], second[2] = 2, 2
+    labels = torch.stack([first, second])
+    scores = anatomical_matching(label_features(labels, torch.Generator().manual_seed(0)), labels)
+    assert scores["balanced_accuracy"] == 1.0
+    assert scores["position_only"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -589,6 +602,16 @@ def test_results_markdown_has_a_row_per_metric(e2e_results: dict) -> None:
     accuracy = e2e_results["properties"]["view_correspondence"]["accuracy"]
     assert f"| view correspondence (acc.) | {accuracy:.3f} | {accuracy:.3f} |" in table
     assert "Chance: anatomical matching" in table
+    same_place = e2e_results["properties"]["anatomical_matching"]["position_only"]
+    assert f"(the same place in the other image: {same_place:.3f})" in table
+
+
+def test_results_markdown_reads_results_from_before_the_position_only_reference(e2e_results: dict) -> None:
+    """A results.json written before `position_only` existed (model cards read old files) still renders."""
+    old = copy.deepcopy(e2e_results)
+    del old["properties"]["anatomical_matching"]["position_only"]
+    table = results_markdown({"ace": old})
+    assert "Chance: anatomical matching" in table and "same place" not in table
 
 
 def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_path: Path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from ace_hf import AceConfig, AceModel
+from ace_hf import AceConfig, AceForPreTraining, AceModel
 from ace_hf.configuration_ace import BACKBONE_ONLY_FIELDS
 from ace_hf.convert import ace_model_from_timm_state_dict
+from ace_hf.modeling_ace import sincos_position_embeddings
 from tests.conftest import tiny_swin_config, tiny_vit_config
 
 
@@ -25,6 +27,11 @@ from tests.conftest import tiny_swin_config, tiny_vit_config
         ({"min_overlap": 0.0}, "min_overlap"),
         ({"teacher_temperature": 0.0}, "teacher_temperature"),
         ({"teacher_momentum": 0.9, "teacher_momentum_end": 0.5}, "teacher_momentum"),
+        ({"position_embedding_init": "learned"}, "position_embedding_init"),
+        (  # sin-cos splits the width into four equal parts
+            {"position_embedding_init": "sincos", "hidden_size": 30, "num_attention_heads": 3},
+            "position_embedding_init",
+        ),
     ],
 )
 def test_config_rejects_invalid_fields_by_name(overrides: dict, field: str) -> None:
@@ -229,3 +236,40 @@ def test_a_small_input_does_not_change_later_swin_outputs() -> None:
         torch.testing.assert_close(after, before, rtol=0, atol=0)
         with pytest.raises(ValueError, match="at least window_size \\* token stride = 32"):
             model(torch.randn(1, 3, 16, 32))
+
+
+def test_sincos_position_embeddings_follow_the_mae_layout() -> None:
+    """Checked entry by entry against the formula: [sin(row w) | cos(row w) | sin(col w) | cos(col w)] with
+    w_k = 10000^(-k / (dim / 4)), rows of the grid in row-major token order, and a zero CLS row."""
+    side, dim = 3, 8
+    table = sincos_position_embeddings(side, dim)
+    assert table.shape == (1, 1 + side * side, dim)
+    assert torch.equal(table[0, 0], torch.zeros(dim))
+    for row in range(side):
+        for col in range(side):
+            token = table[0, 1 + row * side + col]
+            for k in range(dim // 4):
+                w = 10000 ** (-k / (dim // 4))
+                expected = [math.sin(row * w), math.cos(row * w), math.sin(col * w), math.cos(col * w)]
+                got = [float(token[part * (dim // 4) + k]) for part in range(4)]
+                assert got == pytest.approx(expected, abs=1e-6), (row, col, k)
+
+
+def test_position_embedding_init_sincos_starts_student_and_teacher_there_and_keeps_saved_weights(
+    tmp_path,
+) -> None:
+    config = tiny_vit_config(position_embedding_init="sincos")
+    expected = sincos_position_embeddings(config.image_size // config.patch_size, config.hidden_size)
+    assert torch.equal(AceModel(config).embeddings.position_embeddings, expected)
+    pretraining = AceForPreTraining(config)
+    for encoder in (pretraining.student.ace, pretraining.teacher.ace):
+        assert torch.equal(encoder.embeddings.position_embeddings, expected)
+    # The default keeps ACE's truncated normal; trained embeddings survive a save and load.
+    assert AceModel(tiny_vit_config()).embeddings.position_embeddings.std() < 0.05
+    model = AceModel(config)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.mul_(3.0)
+    model.save_pretrained(tmp_path)
+    loaded = AceModel.from_pretrained(tmp_path)
+    assert loaded.config.position_embedding_init == "sincos"
+    assert torch.equal(loaded.embeddings.position_embeddings, model.embeddings.position_embeddings)
