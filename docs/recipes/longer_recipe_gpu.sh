@@ -15,8 +15,9 @@ OMP_NUM_THREADS=6 python3 -c "from ace_hf.drr import build_heldout_dataset as b;
 wait
 echo "rendered in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
 
-# 128 px views of 8 x 8 tokens: the tiny preset's views when this recipe was measured (now 96 px, 6 x 6).
-views=image_size=128,view_tokens=8
+# 128 px views of 8 x 8 tokens, truncated-normal position embeddings and global loss weight 0.1: the tiny
+# preset's when this recipe was measured (now 96 px, 6 x 6, sin-cos and 0.02).
+views=image_size=128,view_tokens=8,position_embedding_init=trunc_normal,global_loss_weight=0.1
 common=(--learning_rate "$LR" --num_train_epochs "$EPOCHS" --warmup_epochs 10 --logging_steps 200 --dataloader_num_workers 7)
 accelerate launch --num_processes 1 --mixed_precision bf16 examples/pretrain.py "${common[@]}" \
     --config_overrides "$views" --output_dir /tmp/longer-ace > "$OUT/pretrain-ace.log" 2>&1 &
