@@ -90,11 +90,10 @@ def sincos_position_embeddings(side: int, dim: int) -> torch.Tensor:
     (`[sin(row) | cos(row) | sin(col) | cos(col)]`, frequencies 1 / 10000^(k / (dim / 4))), with a zero row for
     the CLS token. Written here because transformers' own helper is private to ViT-MAE and renamed across 5.x."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(
-        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
-    )
-    angles = [coordinate.flatten().outer(omega) for coordinate in (rows, cols)]
-    grid = torch.cat([angles[0].sin(), angles[0].cos(), angles[1].sin(), angles[1].cos()], dim=1)
+    positions = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(positions, positions, indexing="ij")
+    row_angles, col_angles = (coordinate.flatten().outer(omega) for coordinate in (rows, cols))
+    grid = torch.cat([row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), grid]).unsqueeze(0).float()
 
 
