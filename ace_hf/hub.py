@@ -80,6 +80,7 @@ SUMMARY_LABELS = {
     "final_composition_loss": "Final composition loss",
     "skipped_images": "Skipped unreadable images",
     "wall_time_s": "Wall time",
+    "torch_version": "PyTorch",
     "segments": "Run segments",
 }
 

@@ -747,6 +747,8 @@ def main(argv: list[str] | None = None) -> dict:
         "processes": accelerator.num_processes,
         "dataset": data_description,
         "skipped_images": skipped,
+        # The same --seed draws other starting weights under another torch (trunc_normal_ changed after 2.11).
+        "torch_version": torch.__version__,
         "segments": (segments := run_segments()),
         "wall_time_s": round(sum(segment["wall_time_s"] for segment in segments), 1),
         **{f"final_{name}": round(value, 5) for name, value in final_logs.items() if name in LOSS_NAMES},

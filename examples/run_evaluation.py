@@ -40,8 +40,8 @@ class ScriptArguments:
         default_factory=list,
         metadata={
             "help": "Random-init columns of the first model's architecture for these seeds (the weights a "
-            "from-scratch `pretrain.py --seed s` run starts from), all on the same crops and draws (--seed): "
-            "paired comparisons over several seeds."
+            "from-scratch `pretrain.py --seed s` run starts from under the same torch version), all on the same "
+            "crops and draws (--seed): paired comparisons over several seeds."
         },
     )
     output_dir: str = field(default="outputs/evaluation")
@@ -58,6 +58,8 @@ def load_encoders(args: ScriptArguments, seed: int) -> dict[str, AceModel]:
         for name, path in zip(names, args.model_name_or_path, strict=True)
     }
     config = next(iter(encoders.values())).config
+    if args.random_init_seeds:
+        warn_if_pretrained_under_another_torch(args.model_name_or_path)
     if args.random_init:
         torch.manual_seed(seed)
         encoders["random init"] = AceModel(config)
@@ -65,6 +67,21 @@ def load_encoders(args: ScriptArguments, seed: int) -> dict[str, AceModel]:
         torch.manual_seed(init_seed)
         encoders[f"random init (seed {init_seed})"] = AceModel(config)
     return encoders
+
+
+def warn_if_pretrained_under_another_torch(paths: list[str]) -> None:
+    """A random-init column is a run's own start only under the torch that drew it: torch 2.11's
+    nn.init.trunc_normal_ sampled by inverse CDF, 2.14's by rejection, so one seed gives other weights."""
+    running = str(torch.__version__).split(".")[:2]
+    for path in paths:
+        summary = Path(path) / "training_summary.json"
+        pretrained_under = json.loads(summary.read_text()).get("torch_version") if summary.is_file() else None
+        if pretrained_under and pretrained_under.split(".")[:2] != running:
+            logger.warning(
+                f"{path} was pretrained under torch {pretrained_under} and this is torch {torch.__version__}: "
+                "--random_init_seeds may not rebuild the weights it started from (torch's trunc_normal_ "
+                "draws other values for the same seed across versions)."
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -635,6 +636,27 @@ def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.startswith(f"| metric | {folder} | random init |")
     assert "| classification finetune k4 (AUC) |" in table
+
+
+@pytest.mark.parametrize("pretrained_under, warns", [("2.11.0+cu130", True), (str(torch.__version__), False)])
+def test_random_init_seeds_warn_when_the_run_used_another_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, pretrained_under: str, warns: bool
+) -> None:
+    """torch 2.11 and 2.14 draw different trunc_normal_ weights for one seed: a run whose training summary
+    records another torch minor version gets a warning that names it; the same version gets none."""
+    script = load_example("run_evaluation")
+    folder = tmp_path / "encoder"
+    AceModel(tiny_vit_config()).save_pretrained(folder)
+    (folder / "training_summary.json").write_text(json.dumps({"steps": 4, "torch_version": pretrained_under}))
+    args, _ = script.HfArgumentParser((script.ScriptArguments, EvaluationConfig)).parse_args_into_dataclasses(
+        ["--model_name_or_path", str(folder), "--random_init_seeds", "0"]
+    )
+    with caplog.at_level(logging.WARNING):
+        script.load_encoders(args, seed=0)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert bool(warnings) == warns
+    if warns:
+        assert str(folder) in warnings[0] and "2.11.0+cu130" in warnings[0]
 
 
 def test_random_init_seeds_build_the_weights_pretraining_starts_from(tmp_path: Path) -> None:

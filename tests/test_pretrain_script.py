@@ -82,7 +82,8 @@ def test_run_exports_a_loadable_encoder_with_card_and_summary(tmp_path, tiny_con
         "modeling_ace.py",
     ):
         assert (output / name).exists(), name
-    assert json.loads((output / "training_summary.json").read_text())["steps"] == 4
+    written = json.loads((output / "training_summary.json").read_text())
+    assert written["steps"] == 4 and written["torch_version"] == torch.__version__
     card = (output / "README.md").read_text()
     assert "image-feature-extraction" in card and "library_name: transformers" in card
     # The exported weights are the teacher's, taken from the last checkpoint.
