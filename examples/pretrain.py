@@ -747,7 +747,8 @@ def main(argv: list[str] | None = None) -> dict:
         "processes": accelerator.num_processes,
         "dataset": data_description,
         "skipped_images": skipped,
-        # The same --seed draws other starting weights under another torch (2.11 and 2.14 sample trunc_normal_ differently).
+        # The same --seed draws other starting weights under another torch: 2.11 and 2.14 sample
+        # trunc_normal_ differently.
         "torch_version": torch.__version__,
         "segments": (segments := run_segments()),
         "wall_time_s": round(sum(segment["wall_time_s"] for segment in segments), 1),
