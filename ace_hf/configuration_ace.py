@@ -11,6 +11,9 @@ from transformers import PretrainedConfig
 
 from .correspondence_ace import view_geometry_problems
 
+# Label value that segmentation losses and metrics ignore (unlabelled or padded pixels): the usual 255.
+IGNORE_INDEX = 255
+
 # Named presets. "ace-vit-b" and "ace-swin-b" are the published ACE-B models at 448 px; "ace-vit-tiny"
 # is a small ViT that pretrains in minutes on a 2-core CPU (96 px views, 6 x 6 tokens: a step costs 0.65 of an
 # 8 x 8 step, and the extra steps show as few-shot segmentation gains; see docs/results.md).
@@ -140,7 +143,7 @@ class AceConfig(PretrainedConfig):
         teacher_momentum: float = 0.996,
         teacher_momentum_end: float = 1.0,
         classifier_pooling: str = "mean",
-        semantic_loss_ignore_index: int = 255,
+        semantic_loss_ignore_index: int = IGNORE_INDEX,
         **kwargs: Any,
     ) -> None:
         self.backbone_type = backbone_type
@@ -292,4 +295,4 @@ class AceConfig(PretrainedConfig):
 
 AceConfig.register_for_auto_class()
 
-__all__ = ["ACE_PRESETS", "BACKBONE_ONLY_FIELDS", "AceConfig"]
+__all__ = ["ACE_PRESETS", "BACKBONE_ONLY_FIELDS", "IGNORE_INDEX", "AceConfig"]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .configuration_ace import AceConfig
+from .configuration_ace import IGNORE_INDEX, AceConfig
 from .correspondence_ace import correspondence_targets
 from .drr import build_heldout_dataset, dataset_info
 from .image_processing_ace import AceImageProcessor
@@ -45,8 +45,6 @@ from .metrics import load_metric
 from .modeling_ace import AceForImageClassification, AceForSemanticSegmentation, AceModel
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
 
 
 @dataclass

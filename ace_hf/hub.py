@@ -58,7 +58,7 @@ EXPORT_FILES = (
 
 # Fewer optimizer steps than this (or fewer than planned) make an export a smoke test, and its card says so.
 SMOKE_TEST_STEPS = 100
-# How ace_hf.data describes the built-in data set: DRRs rendered from one chest CT.
+# How ace_hf.pretraining.data describes the built-in data set: DRRs rendered from one chest CT.
 BUILTIN_DATA_PREFIX = "built-in chest DRRs"
 # The evaluation section sits between these markers, so that push_to_hub can fill it in later.
 EVALUATION_START, EVALUATION_END = "<!-- ace-evaluation -->", "<!-- /ace-evaluation -->"

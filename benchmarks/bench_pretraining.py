@@ -57,9 +57,9 @@ from transformers import PreTrainedModel, SwinModel, ViTConfig, ViTModel
 
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
 from ace_hf.correspondence_ace import correspondence_targets, sample_view_origins
-from ace_hf.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
 from ace_hf.modeling_ace import _swin_config
 from ace_hf.optimization import make_optimizer
+from ace_hf.pretraining.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
 from benchmarks.bench_correspondence import median_seconds
 
 try:

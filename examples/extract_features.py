@@ -34,7 +34,7 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
-from ace_hf.data import IMAGE_SUFFIXES, decode_image, list_image_files
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files
 from ace_hf.runs import OutputDirError, ensure_writable_folder
 
 logger = logging.getLogger("extract_features")

@@ -37,14 +37,6 @@ from tqdm.auto import tqdm
 import ace_hf
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor
 from ace_hf.convert import init_from_timm
-from ace_hf.data import (
-    ImageBatchCollator,
-    IndexedDataset,
-    ViewPairCollator,
-    cut_batch_views,
-    index_streaming_dataset,
-    load_pretraining_dataset,
-)
 from ace_hf.hub import export_pretrained, pretraining_model_from_export, push_to_hub
 from ace_hf.optimization import (
     AceSchedules,
@@ -52,6 +44,14 @@ from ace_hf.optimization import (
     initialize_optimizer_state,
     make_optimizer,
     scaled_learning_rate,
+)
+from ace_hf.pretraining.data import (
+    ImageBatchCollator,
+    IndexedDataset,
+    ViewPairCollator,
+    cut_batch_views,
+    index_streaming_dataset,
+    load_pretraining_dataset,
 )
 from ace_hf.runs import (
     LaunchError,

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ace_hf import AceImageProcessor, AceModel
-from ace_hf.data import IMAGE_SUFFIXES, decode_image, list_image_files
 from ace_hf.evaluation import encode, load_heldout
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files
 from ace_hf.visualization import (
     image_grid,
     mark_point,

@@ -1,4 +1,4 @@
-"""ace_hf.data: decoding (DICOM too), bad-file handling and per-example seeding of the view pairs."""
+"""ace_hf.image_io and ace_hf.pretraining.data: decoding (DICOM too), bad-file handling and per-example seeding of the view pairs."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import torch
 from PIL import Image
 
 from ace_hf import AceImageProcessor
-from ace_hf.data import (
-    ViewPairCollator,
-    decode_image,
-    example_seed,
-    list_image_files,
-    load_pretraining_dataset,
-    read_dicom,
-)
+from ace_hf.image_io import decode_image, list_image_files, read_dicom
+from ace_hf.pretraining.data import ViewPairCollator, example_seed, load_pretraining_dataset
 from tests.conftest import tiny_vit_config
 
 
@@ -150,7 +144,7 @@ def test_images_smaller_than_the_grid_are_upsampled_with_one_warning(caplog) -> 
     examples = [
         {"index": i, "image": {"bytes": _png_bytes(small), "path": f"small{i}.png"}} for i in range(2)
     ]
-    with caplog.at_level("WARNING", logger="ace_hf.data"):
+    with caplog.at_level("WARNING", logger="ace_hf.pretraining.data"):
         large = np.zeros((side, side + 8), np.uint8)
         collator([{"index": 5, "image": {"bytes": _png_bytes(large), "path": "large.png"}}])  # no warning
         assert not caplog.records

@@ -15,7 +15,6 @@ from torchvision.transforms.v2 import functional as tvF
 
 from ace_hf import AceImageProcessor, correspondence_targets
 from ace_hf.correspondence_ace import sample_view_origins
-from ace_hf.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
 from ace_hf.image_processing_ace import (
     batched_adjust_brightness,
     batched_adjust_contrast,
@@ -25,6 +24,7 @@ from ace_hf.image_processing_ace import (
     random_resized_crop_box,
     resize_unit,
 )
+from ace_hf.pretraining.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
 
 N, CELL, GRID = 4, 4, 10  # view_tokens, cell_size, grid_size of the tiny processor
 SIDE = GRID * CELL  # the jittered image is SIDE x SIDE pixels

