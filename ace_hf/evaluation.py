@@ -43,6 +43,7 @@ from .drr import build_heldout_dataset, dataset_info
 from .image_processing_ace import AceImageProcessor
 from .metrics import load_metric
 from .modeling_ace import AceForImageClassification, AceForSemanticSegmentation, AceModel
+from .sampling import draw
 
 logger = logging.getLogger(__name__)
 
@@ -460,17 +461,6 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(
         metric.compute(prediction_scores=scores.tolist(), references=labels.int().tolist())["roc_auc"]
     )
-
-
-def draw(
-    pool: int, k: int, generator: torch.Generator, valid: Callable[[torch.Tensor], bool] | None = None
-) -> torch.Tensor:
-    """k random indices of a pool of training images (redrawn until `valid` accepts them, at most 100 times)."""
-    for _ in range(100):
-        chosen = torch.randperm(pool, generator=generator)[:k]
-        if valid is None or valid(chosen):
-            return chosen
-    raise ValueError(f"No draw of {k} training images satisfies the task's requirements")
 
 
 def segmentation_fewshot(

@@ -51,11 +51,11 @@ from transformers import (
 )
 
 import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
-from ace_hf.evaluation import draw
 from ace_hf.hub import push_to_hub
 from ace_hf.image_io import decode_image, example_name
 from ace_hf.metrics import load_metric
 from ace_hf.optimization import parameter_groups
+from ace_hf.sampling import draw
 
 logger = get_logger(__name__)
 

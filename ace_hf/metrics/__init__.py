@@ -9,15 +9,19 @@ relative imports).
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import evaluate
 
+logger = logging.getLogger(__name__)
+
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "balanced_accuracy", "mean_iou", "roc_auc")
 
-__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "metric_path"]
+__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "metric_path", "roc_auc"]
 
 
 def metric_path(name: str) -> Path:
@@ -30,3 +34,15 @@ def metric_path(name: str) -> Path:
 def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
     """Load a shipped metric by name, without network; `kwargs` go to `evaluate.load` (e.g. `config_name`)."""
     return evaluate.load(str(metric_path(name)), **kwargs)
+
+
+def roc_auc(scores: Any, references: Any, config_name: str = "multilabel") -> dict[str, Any]:
+    """ROC-AUC of scores against 0/1 references ("binary": [N] scores; "multilabel": [N, F], macro plus
+    `per_label_roc_auc`), or NaN with a warning when a label has a single class in the references."""
+    try:
+        return load_metric("roc_auc", config_name=config_name).compute(
+            prediction_scores=scores.tolist(), references=references.int().tolist()
+        )
+    except ValueError as error:
+        logger.warning(f"ROC-AUC is undefined on these references: {error}")
+        return {"roc_auc": math.nan}
