@@ -21,14 +21,14 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, save_file
 
 from .configuration_ace import AceConfig
-from .evaluation import results_markdown
+from .evaluation.report import results_markdown
 from .image_processing_ace import AceImageProcessor
 from .modeling_ace import AceForPreTraining, AceModel
 from .runs import normal_file_permissions
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "ace_model_card.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "ace_model_card.md"  # package data
 
 # What `save_pretrained` must have written for `trust_remote_code=True` loading: the three modules that
 # `register_for_auto_class` copies, plus the files they reach through single-dot imports.
@@ -119,8 +119,8 @@ def export_pretrained(
     template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(
-            f"Model card template {str(template)!r} not found; pass template_path= (the default "
-            "model_cards/ace_model_card.md exists only in a source checkout of ace-hf)."
+            f"Model card template {str(template)!r} not found; pass template_path= (the default ships "
+            "inside the ace_hf package: reinstall ace-hf if it is missing)."
         )
     output_dir = Path(output_dir)
     if any(param.dtype != torch.float32 for param in encoder.parameters()):

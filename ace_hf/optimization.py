@@ -1,4 +1,4 @@
-"""ACE's optimization recipe (DINO's): step-indexed schedules, weight-decay parameter groups, last-layer freeze.
+"""ACE's optimization (DINO's): step-indexed schedules, weight-decay parameter groups, last-layer freeze.
 
 Every schedule is a pure function of the optimizer step, so resuming from a checkpoint only needs the step.
 """
@@ -40,7 +40,8 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class AceSchedules:
-    """The published ACE schedules, indexed by optimizer step (defaults from ace-method.md section 5).
+    """ACE's schedules, indexed by optimizer step; built from a run's recipe
+    (`ace_hf.pretraining.recipe.PretrainingRecipe.schedules`), which holds the values.
 
     Epoch counts are converted to steps with `steps_per_epoch`. `learning_rate` is the already-scaled peak
     rate (see `scaled_learning_rate`).
@@ -49,16 +50,16 @@ class AceSchedules:
     total_steps: int
     steps_per_epoch: int
     learning_rate: float
-    min_learning_rate: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    teacher_momentum: float = 0.996
-    teacher_momentum_end: float = 1.0
-    teacher_temperature: float = 0.04
-    warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: float = 0
-    freeze_last_layer_epochs: float = 1
+    min_learning_rate: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    teacher_momentum: float
+    teacher_momentum_end: float
+    teacher_temperature: float
+    warmup_teacher_temperature: float
+    warmup_teacher_temperature_epochs: float
+    freeze_last_layer_epochs: float
 
     def __post_init__(self) -> None:
         if self.total_steps <= 0 or self.steps_per_epoch <= 0:

@@ -6,6 +6,8 @@
   every token of every image (where does "this point" appear elsewhere?);
 - `overlay`, `mark_point`, `image_grid`: blend a map over the radiograph and tile the results, with PIL only.
 
+`ace_hf.visualize` draws them for one or more encoders (`examples/visualize.py`).
+
 Training-side module (numpy, torch and PIL): never imported by the files that travel to the Hub.
 """
 
@@ -79,8 +81,8 @@ def query_embedding(embeddings: torch.Tensor, row_px: float, col_px: float, stri
     """The embedding [C] at pixel (row, col) of one image's token map [C, h, w], bilinear between tokens.
 
     Pixel centres are at integers and token i's centre at pixel (i + 0.5) * stride - 0.5 (as in
-    `ace_hf.evaluation.landmark_matching`), so a point between tokens blends its neighbours instead of
-    snapping to one; past the outer token centres the border tokens are used.
+    `ace_hf.evaluation.properties.landmark_matching`), so a point between tokens blends its neighbours
+    instead of snapping to one; past the outer token centres the border tokens are used.
     """
     channels, h, w = embeddings.shape
     x = (col_px + 0.5) / (w * stride) * 2 - 1

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ace_hf.drr import ANATOMY_GROUPS, load_chest_ct, render_drr, sample_render_params
+from ace_hf.synthetic.ct import ANATOMY_GROUPS, load_chest_ct
+from ace_hf.synthetic.drr import render_drr, sample_render_params
 
 # One colour per anatomy group (background black), blended over the radiograph.
 PALETTE = np.array(

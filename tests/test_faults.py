@@ -17,18 +17,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.checkpoints import checkpoint_dirs
 from tests.conftest import tiny_vit_config
-from tests.test_pretrain_script import RESUME_ARGS, ROOT, _args, _write_images, pretrain
+from tests.test_pretrain_script import RESUME_ARGS, ROOT, _args, _write_images
 
-# Runs examples/pretrain.py in a child process that SIGKILLs itself at a chosen point: no handler, no cleanup,
+# Runs the pretraining command in a child process that SIGKILLs itself at a chosen point: no handler, no cleanup,
 # no flush, as when the machine or the OOM killer takes the process.
 KILLING_CHILD = """
 import os, signal, sys
 import accelerate.checkpointing
 from ace_hf import AceForPreTraining
 
-sys.path.insert(0, {examples!r})
-import pretrain
+from ace_hf.pretraining.__main__ import main
 
 where, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -47,12 +48,12 @@ else:  # half-way through writing the optimizer file of the checkpoint at step `
     save = accelerate.checkpointing.save
     def save_half_then_die(obj, path, *args, **kwargs):
         save(obj, path, *args, **kwargs)
-        if f"step_{{at}}" in str(path) and "optimizer" in os.path.basename(str(path)):
+        if f"step_{at}" in str(path) and "optimizer" in os.path.basename(str(path)):
             with open(path, "r+b") as file:
                 file.truncate(os.path.getsize(path) // 2)
             die()
     accelerate.checkpointing.save = save_half_then_die
-pretrain.main(argv)
+main(argv)
 """
 
 
@@ -63,22 +64,19 @@ def straight_run(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]
     data = _write_images(root / "data", 12)
     config_dir = root / "config"
     tiny_vit_config().save_pretrained(config_dir)
-    pretrain.main(_args(data, config_dir, root / "straight", *RESUME_ARGS))
+    main(_args(data, config_dir, root / "straight", *RESUME_ARGS))
     return data, config_dir, load_file(root / "straight" / "checkpoints" / "step_6" / "model.safetensors")
 
 
 def _run_killed(where: str, at: int, argv: list[str]) -> None:
-    script = KILLING_CHILD.format(examples=str(ROOT / "examples"))
     child = subprocess.run(
-        [sys.executable, "-c", script, where, str(at), *argv], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", KILLING_CHILD, where, str(at), *argv], cwd=ROOT, capture_output=True, text=True
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
 
 
 def _resume_and_compare(output: Path, data: Path, config_dir: Path, expected: dict) -> None:
-    summary = pretrain.main(
-        _args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
-    )
+    summary = main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
     assert summary["steps"] == 6
     resumed = load_file(output / "checkpoints" / "step_6" / "model.safetensors")
     assert resumed.keys() == expected.keys()
@@ -90,7 +88,7 @@ def test_kill_9_during_a_step_resumes_bit_identical(tmp_path, straight_run) -> N
     data, config_dir, expected = straight_run
     output = tmp_path / "killed"
     _run_killed("step", 5, _args(data, config_dir, output, *RESUME_ARGS))
-    assert [path.name for path in pretrain.checkpoint_dirs(output)] == ["step_2", "step_4"]
+    assert [path.name for path in checkpoint_dirs(output)] == ["step_2", "step_4"]
     _resume_and_compare(output, data, config_dir, expected)
 
 
@@ -101,7 +99,7 @@ def test_kill_9_during_a_checkpoint_write_never_resumes_from_the_half_written_on
     output = tmp_path / "killed"
     _run_killed("checkpoint", 4, _args(data, config_dir, output, *RESUME_ARGS))
     assert (output / "checkpoints" / ".partial-step_4" / "model.safetensors").exists()  # died mid-save
-    assert [path.name for path in pretrain.checkpoint_dirs(output)] == ["step_2"]
+    assert [path.name for path in checkpoint_dirs(output)] == ["step_2"]
     _resume_and_compare(output, data, config_dir, expected)
     assert not list((output / "checkpoints").glob(".partial-*"))
 
@@ -120,8 +118,8 @@ def test_a_full_disk_while_saving_fails_cleanly_and_keeps_the_previous_checkpoin
 
     monkeypatch.setattr(accelerate.checkpointing, "save", save_or_fill_the_disk)
     with pytest.raises(RuntimeError, match=r"checkpoint at step 4.*No space left.*step_2 is kept"):
-        pretrain.main(_args(data, config_dir, output, *RESUME_ARGS))
+        main(_args(data, config_dir, output, *RESUME_ARGS))
     monkeypatch.undo()
-    assert [path.name for path in pretrain.checkpoint_dirs(output)] == ["step_2"]
+    assert [path.name for path in checkpoint_dirs(output)] == ["step_2"]
     assert not list((output / "checkpoints").glob(".partial-*"))
     _resume_and_compare(output, data, config_dir, expected)

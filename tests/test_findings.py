@@ -6,34 +6,40 @@ import numpy as np
 import pytest
 import torch
 
-from ace_hf import drr
-from ace_hf.drr import ANATOMY_GROUPS, MU_WATER, load_chest_ct, render_drr
-from ace_hf.findings import FINDINGS, MU_SOFT_TISSUE, NODULE_EDGE_MM, insert_findings, sample_findings
+from ace_hf.synthetic.ct import ANATOMY_GROUPS, MU_WATER, ChestCT, load_chest_ct
+from ace_hf.synthetic.drr import Radiograph, render_drr
+from ace_hf.synthetic.findings import (
+    FINDINGS,
+    MU_SOFT_TISSUE,
+    NODULE_EDGE_MM,
+    insert_findings,
+    sample_findings,
+)
 
 SIZE = 64
 GROUP = {name: value for value, name in enumerate(ANATOMY_GROUPS, start=1)}
 
 
 @pytest.fixture(scope="module")
-def ct() -> drr.ChestCT:
+def ct() -> ChestCT:
     return load_chest_ct(downsample=4)
 
 
 @pytest.fixture(scope="module")
-def groups(ct: drr.ChestCT) -> torch.Tensor:
+def groups(ct: ChestCT) -> torch.Tensor:
     return ct.group_labels()
 
 
 @pytest.fixture(scope="module")
-def film(ct: drr.ChestCT, groups: torch.Tensor) -> drr.Radiograph:
+def film(ct: ChestCT, groups: torch.Tensor) -> Radiograph:
     return render_drr(ct.attenuation, ct.spacing, size=SIZE, anatomy=groups)
 
 
-def insert(ct: drr.ChestCT, findings: list[str] | tuple[str, ...], seed: int = 0, **ranges) -> torch.Tensor:
+def insert(ct: ChestCT, findings: list[str] | tuple[str, ...], seed: int = 0, **ranges) -> torch.Tensor:
     return insert_findings(ct, findings, torch.Generator().manual_seed(seed), **ranges)
 
 
-def projected(ct: drr.ChestCT, volume: torch.Tensor, region: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def projected(ct: ChestCT, volume: torch.Tensor, region: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The film of `volume` and the pixels where `region` (a voxel mask) projects."""
     image, anatomy = render_drr(volume, ct.spacing, size=SIZE, anatomy=region.to(torch.uint8))
     return image.astype(np.float64), anatomy == 1
@@ -61,7 +67,7 @@ def test_sample_findings_follows_the_generator_and_prevalence() -> None:
         assert 70 < sum(name in case for case in cases) < 130, name
 
 
-def test_insert_findings_returns_a_new_reproducible_volume(ct: drr.ChestCT) -> None:
+def test_insert_findings_returns_a_new_reproducible_volume(ct: ChestCT) -> None:
     original = ct.attenuation.clone()
     volume = insert(ct, FINDINGS)
     assert torch.equal(ct.attenuation, original)  # the cached CT is untouched
@@ -77,7 +83,7 @@ def test_insert_findings_returns_a_new_reproducible_volume(ct: drr.ChestCT) -> N
 
 @pytest.mark.parametrize("seed", range(3))
 def test_nodule_is_a_soft_tissue_sphere_in_one_lung(
-    ct: drr.ChestCT, groups: torch.Tensor, film: drr.Radiograph, seed: int
+    ct: ChestCT, groups: torch.Tensor, film: Radiograph, seed: int
 ) -> None:
     diameter = 15.0
     volume = insert(ct, ["nodule"], seed, nodule_diameter_mm=(diameter, diameter))
@@ -96,7 +102,7 @@ def test_nodule_is_a_soft_tissue_sphere_in_one_lung(
 
 
 def test_pleural_effusion_fills_the_base_of_one_or_both_lungs(
-    ct: drr.ChestCT, groups: torch.Tensor, film: drr.Radiograph
+    ct: ChestCT, groups: torch.Tensor, film: Radiograph
 ) -> None:
     height = 0.4
     seen = set()
@@ -123,7 +129,7 @@ def test_pleural_effusion_fills_the_base_of_one_or_both_lungs(
 
 
 def test_cardiomegaly_widens_the_heart_and_its_shadow(
-    ct: drr.ChestCT, groups: torch.Tensor, film: drr.Radiograph
+    ct: ChestCT, groups: torch.Tensor, film: Radiograph
 ) -> None:
     volume = insert(ct, ["cardiomegaly"], heart_scale=(1.35, 1.35))
     grown = volume != ct.attenuation
@@ -146,7 +152,7 @@ def test_cardiomegaly_widens_the_heart_and_its_shadow(
     assert (image.astype(np.float64) - film.image)[new_shadow].mean() > 3000
 
 
-def test_findings_do_not_hide_each_other(ct: drr.ChestCT, groups: torch.Tensor) -> None:
+def test_findings_do_not_hide_each_other(ct: ChestCT, groups: torch.Tensor) -> None:
     """The nodule is inserted last, into lung that neither the effusion nor the heart took."""
     for seed in range(2):
         others = insert(ct, ["cardiomegaly", "pleural_effusion"], seed)

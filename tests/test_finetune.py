@@ -1,10 +1,14 @@
-"""examples/finetune.py end to end on a tiny encoder and a handful of synthetic PNGs written to tmp_path."""
+"""ace_hf.finetuning end to end on a tiny encoder and a handful of synthetic PNGs written to tmp_path; the
+examples/finetune.py command line once, as the README runs it."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +18,12 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 from ace_hf import AceConfig, AceImageProcessor, AceModel
-from tests.conftest import load_example
+from ace_hf.finetuning import FinetuningArguments, finetune, main
+from ace_hf.finetuning.cli import parse_arguments
+from ace_hf.finetuning.data import few_shot_indices
+from ace_hf.finetuning.metrics import improved
+from tests.conftest import EXAMPLES
 from tests.test_hub import FakeHfApi
-
-finetune = load_example("finetune")
 
 SIZE = 32  # pixels per side of the synthetic images (the tiny encoder's input is 32 px too)
 
@@ -73,23 +79,22 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _run(encoder_dir: Path, output_dir: Path, *extra: str) -> dict:
-    return finetune.main(
-        [
-            "--model_name_or_path", str(encoder_dir),
-            "--output_dir", str(output_dir),
-            "--per_device_train_batch_size", "4",
-            "--learning_rate", "3e-3",
-            "--num_train_epochs", "2",
-            *extra,
-        ]
-    )  # fmt: skip
+def _run(encoder_dir: Path, output_dir: Path, **options) -> dict:
+    return finetune(
+        FinetuningArguments(
+            model_name_or_path=str(encoder_dir),
+            output_dir=str(output_dir),
+            per_device_train_batch_size=4,
+            learning_rate=3e-3,
+            **{"num_train_epochs": 2, **options},
+        )
+    )
 
 
 def test_classification_from_an_image_folder_learns_and_saves_a_loadable_model(tmp_path, encoder_dir) -> None:
     data = _image_folder(tmp_path / "data", per_class=10)
     output = tmp_path / "out"
-    results = _run(encoder_dir, output, "--train_dir", str(data), "--num_train_epochs", "3")
+    results = _run(encoder_dir, output, train_dir=str(data), num_train_epochs=3)
 
     assert results["train_samples"] == 16 and results["eval_samples"] == 4  # 20 % held out, stratified
     assert results["train_samples_per_class"] == {"bright": 8, "dark": 8}
@@ -117,10 +122,15 @@ def test_multi_label_from_a_csv_skips_and_counts_an_unreadable_image(tmp_path, e
     validation_csv = _write_csv(tmp_path / "csv" / "validation.csv", rows[:4])
     output = tmp_path / "out"
     results = _run(
-        encoder_dir, output,
-        "--train_csv", str(train_csv), "--validation_csv", str(validation_csv), "--image_column", "path",
-        "--multi_label", "--label_columns", "effusion,nodule", "--num_train_epochs", "1",
-    )  # fmt: skip
+        encoder_dir,
+        output,
+        train_csv=str(train_csv),
+        validation_csv=str(validation_csv),
+        image_column="path",
+        multi_label=True,
+        label_columns="effusion,nodule",
+        num_train_epochs=1,
+    )
 
     assert results["skipped_images"] == 1 and results["train_samples"] == 6 and results["eval_samples"] == 4
     assert results["metric_for_best_model"] == "roc_auc" and math.isfinite(results["roc_auc"])
@@ -135,7 +145,7 @@ def test_segmentation_refuses_a_processor_that_would_misalign_masks(tmp_path, en
     AceImageProcessor.from_pretrained(encoder_dir, resize_mode="pad").save_pretrained(encoder_dir)
     csv_path = _write_csv(tmp_path / "train.csv", [{"image": "i.png", "mask": "m.png"}])
     with pytest.raises(ValueError, match="resize_mode is 'pad'"):
-        _run(encoder_dir, tmp_path / "out", "--task", "segmentation", "--train_csv", str(csv_path))
+        _run(encoder_dir, tmp_path / "out", task="segmentation", train_csv=str(csv_path))
 
 
 def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -> None:
@@ -154,14 +164,7 @@ def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -
     train_csv = _write_csv(tmp_path / "train.csv", rows)
     output = tmp_path / "out"
     results = _run(
-        encoder_dir,
-        output,
-        "--task",
-        "segmentation",
-        "--train_csv",
-        str(train_csv),
-        "--validation_fraction",
-        "0.3",
+        encoder_dir, output, task="segmentation", train_csv=str(train_csv), validation_fraction=0.3
     )
 
     assert results["train_samples"] == 4 and results["eval_samples"] == 2
@@ -181,10 +184,19 @@ def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -
     assert logits.shape == (1, 3, 32, 32)
 
 
-def test_freeze_encoder_trains_the_head_only(tmp_path, encoder_dir) -> None:
+def test_the_readme_linear_probe_command_trains_the_head_only(tmp_path, encoder_dir) -> None:
+    """examples/finetune.py as the README runs it, in a fresh process: the frozen encoder comes out unchanged."""
     data = _image_folder(tmp_path / "data", per_class=4)
     output = tmp_path / "out"
-    _run(encoder_dir, output, "--train_dir", str(data), "--freeze_encoder", "--num_train_epochs", "1")
+    command = [
+        sys.executable, str(EXAMPLES / "finetune.py"), "--model_name_or_path", str(encoder_dir),
+        "--train_dir", str(data), "--freeze_encoder", "--learning_rate", "1e-3", "--output_dir", str(output),
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+    ]  # fmt: skip
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads((output / "eval_results.json").read_text())["train_samples"] == 6
 
     before = AceModel.from_pretrained(encoder_dir).state_dict()
     after = AutoModelForImageClassification.from_pretrained(output)
@@ -194,16 +206,7 @@ def test_freeze_encoder_trains_the_head_only(tmp_path, encoder_dir) -> None:
 
 def test_shots_per_class_draws_exactly_k_examples_of_each_class(tmp_path, encoder_dir) -> None:
     data = _image_folder(tmp_path / "data", per_class=6)
-    results = _run(
-        encoder_dir,
-        tmp_path / "out",
-        "--train_dir",
-        str(data),
-        "--shots_per_class",
-        "2",
-        "--num_train_epochs",
-        "1",
-    )
+    results = _run(encoder_dir, tmp_path / "out", train_dir=str(data), shots_per_class=2, num_train_epochs=1)
 
     assert results["train_samples_per_class"] == {"bright": 2, "dark": 2}
     assert results["train_samples"] == 4
@@ -212,11 +215,11 @@ def test_shots_per_class_draws_exactly_k_examples_of_each_class(tmp_path, encode
 
 def test_few_shot_draw_is_seeded_and_refuses_too_few_examples() -> None:
     labels = np.eye(2)[[0, 0, 0, 1, 1, 1, 1]]
-    first = finetune.few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
-    again = finetune.few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
+    first = few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
+    again = few_shot_indices(labels, ["a", "b"], 2, torch.Generator().manual_seed(0))
     assert first == again and labels[first].sum(0).tolist() == [2, 2]
     with pytest.raises(ValueError, match="class 'a' has only 3"):
-        finetune.few_shot_indices(labels, ["a", "b"], 4, torch.Generator().manual_seed(0))
+        few_shot_indices(labels, ["a", "b"], 4, torch.Generator().manual_seed(0))
 
 
 def test_a_csv_naming_a_missing_file_or_column_or_a_bad_label_fails_clearly(tmp_path, encoder_dir) -> None:
@@ -226,20 +229,18 @@ def test_a_csv_naming_a_missing_file_or_column_or_a_bad_label_fails_clearly(tmp_
         [{"image": "present.png", "label": "a"}, {"image": "absent.png", "label": "b"}],
     )
     with pytest.raises(FileNotFoundError, match=r"line 3, column 'image': file .*absent\.png"):
-        _run(encoder_dir, tmp_path / "out", "--train_csv", str(missing))
+        _run(encoder_dir, tmp_path / "out", train_csv=str(missing))
     no_label = _write_csv(tmp_path / "no_label.csv", [{"image": "present.png", "finding": "a"}])
     with pytest.raises(ValueError, match=r"no column\(s\) 'label'; its columns: \['image', 'finding'\]"):
-        _run(encoder_dir, tmp_path / "out", "--train_csv", str(no_label))
+        _run(encoder_dir, tmp_path / "out", train_csv=str(no_label))
     not_binary = _write_csv(tmp_path / "not_binary.csv", [{"image": "present.png", "effusion": "yes"}])
     with pytest.raises(ValueError, match="column 'effusion' holds 'yes'; it must be 0 or 1"):
         _run(
             encoder_dir,
             tmp_path / "out",
-            "--train_csv",
-            str(not_binary),
-            "--multi_label",
-            "--label_columns",
-            "effusion",
+            train_csv=str(not_binary),
+            multi_label=True,
+            label_columns="effusion",
         )
 
 
@@ -248,9 +249,13 @@ def test_push_to_hub_uploads_the_best_model(tmp_path, encoder_dir, monkeypatch) 
     monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
     data = _image_folder(tmp_path / "data", per_class=4)
     _run(
-        encoder_dir, tmp_path / "out", "--train_dir", str(data), "--num_train_epochs", "1",
-        "--push_to_hub", "--hub_model_id", "org/ace-finetuned",
-    )  # fmt: skip
+        encoder_dir,
+        tmp_path / "out",
+        train_dir=str(data),
+        num_train_epochs=1,
+        push_to_hub=True,
+        hub_model_id="org/ace-finetuned",
+    )
 
     [upload] = api.uploads
     assert upload["repo_id"] == "org/ace-finetuned"
@@ -265,10 +270,38 @@ def test_push_to_hub_uploads_the_best_model(tmp_path, encoder_dir, monkeypatch) 
 
 def test_best_epoch_is_the_higher_score_then_the_lower_loss() -> None:
     best = {"roc_auc": 0.8, "loss": 0.5}
-    assert finetune.improved(best, {}, "roc_auc")  # the first epoch is always saved
-    assert finetune.improved({"roc_auc": 0.9, "loss": 0.9}, best, "roc_auc")
-    assert finetune.improved({"roc_auc": 0.8, "loss": 0.4}, best, "roc_auc")
-    assert not finetune.improved({"roc_auc": 0.8, "loss": 0.6}, best, "roc_auc")
-    assert not finetune.improved({"roc_auc": math.nan, "loss": 0.1}, best, "roc_auc")
-    assert finetune.improved({"roc_auc": 0.1, "loss": 0.9}, {"roc_auc": math.nan, "loss": 0.1}, "roc_auc")
-    assert finetune.improved({"loss": 0.4}, best, "loss")  # a loss is minimized
+    assert improved(best, {}, "roc_auc")  # the first epoch is always saved
+    assert improved({"roc_auc": 0.9, "loss": 0.9}, best, "roc_auc")
+    assert improved({"roc_auc": 0.8, "loss": 0.4}, best, "roc_auc")
+    assert not improved({"roc_auc": 0.8, "loss": 0.6}, best, "roc_auc")
+    assert not improved({"roc_auc": math.nan, "loss": 0.1}, best, "roc_auc")
+    assert improved({"roc_auc": 0.1, "loss": 0.9}, {"roc_auc": math.nan, "loss": 0.1}, "roc_auc")
+    assert improved({"loss": 0.4}, best, "loss")  # a loss is minimized
+
+
+def test_contradictory_options_are_refused_before_any_data_is_read(capsys) -> None:
+    with pytest.raises(ValueError, match="pass exactly one of --train_dir, --dataset_name, --train_csv"):
+        FinetuningArguments(model_name_or_path="encoder")
+    with pytest.raises(ValueError, match="--shots_per_class needs image-level classes"):
+        FinetuningArguments(
+            model_name_or_path="encoder", train_csv="masks.csv", task="segmentation", shots_per_class=5
+        )
+    # The command line says it as argparse says a wrong flag: usage, one error line, exit code 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_name_or_path", "encoder", "--train_dir", "data", "--push_to_hub"])
+    assert exit_info.value.code == 2
+    assert "error: --push_to_hub needs --hub_model_id" in capsys.readouterr().err
+
+
+def test_options_come_from_flags_or_from_one_json_or_yaml_file(tmp_path) -> None:
+    flags = parse_arguments(
+        ["--model_name_or_path", "encoder", "--train_dir", "data", "--multi_label", "--label_columns", "a,b"]
+    )
+    assert flags.multi_label and flags.task_kind == "multi_label" and flags.best_metric == "roc_auc"
+    assert flags.ignore_index == 255 and flags.num_train_epochs == 10  # the defaults
+    options = {"model_name_or_path": "encoder", "train_csv": "masks.csv", "task": "segmentation"}
+    (tmp_path / "options.json").write_text(json.dumps(options))
+    (tmp_path / "options.yaml").write_text("".join(f"{key}: {value}\n" for key, value in options.items()))
+    for path in (tmp_path / "options.json", tmp_path / "options.yaml"):
+        parsed = parse_arguments([str(path)])
+        assert parsed == FinetuningArguments(**options) and parsed.best_metric == "mean_iou"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ace_hf import AceConfig
 from ace_hf.optimization import (
     WEIGHT_DECAY_FLAG,
     AceSchedules,
@@ -18,6 +19,7 @@ from ace_hf.optimization import (
     parameter_groups,
     scaled_learning_rate,
 )
+from ace_hf.pretraining.recipe import PretrainingRecipe
 
 
 def test_cosine_schedule_without_warmup():
@@ -49,8 +51,10 @@ def test_scaled_learning_rate():
 
 
 def schedules(**overrides) -> AceSchedules:
-    fields = {"total_steps": 100, "steps_per_epoch": 10, "learning_rate": 1e-3, "warmup_epochs": 2}
-    return AceSchedules(**{**fields, **overrides})
+    """The published recipe (ACE's config) for 100 steps of 10 an epoch: peak rate 1e-3, 2 warm-up epochs."""
+    recipe = PretrainingRecipe.resolve("ace-vit-b", AceConfig(), {"learning_rate": 1e-3, "warmup_epochs": 2})
+    built = recipe.schedules(total_steps=100, steps_per_epoch=10, global_batch=256)
+    return dataclasses.replace(built, **overrides)
 
 
 def test_ace_schedules_published_defaults():

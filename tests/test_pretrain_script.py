@@ -1,4 +1,4 @@
-"""examples/pretrain.py end to end on tiny models: export, resume equality, bad files, NaN guard, 2 processes."""
+"""ace_hf.pretraining (and examples/pretrain.py) end to end on tiny models: export, resume equality, bad files, NaN guard, 2 processes."""
 
 from __future__ import annotations
 
@@ -18,16 +18,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ace_hf import AceForPreTraining, AceImageProcessor
+from ace_hf.arguments import parse_arguments
 from ace_hf.hub import PRETRAINING_HEADS_NAME
-from tests.conftest import load_example, tiny_vit_config
+from ace_hf.pretraining import PretrainingArguments
+from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.checkpoints import checkpoint_dirs
+from ace_hf.pretraining.guard import StepGuard
+from ace_hf.pretraining.loop import build_config, build_model, parse_overrides
+from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "pretrain.py"
 FSDP_SHIM = str(ROOT / "tests" / "fsdp_on_cpu.py")  # runs SCRIPT under Accelerate's FSDP on CPU processes
-
-
-pretrain = load_example("pretrain")
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def _args(data_dir: Path, config_dir: Path, output_dir: Path, *extra: str) -> li
 def test_run_exports_a_loadable_encoder_with_card_and_summary(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
-    summary = pretrain.main(_args(data, tiny_config_dir, output, "--num_train_epochs", "2"))
+    summary = main(_args(data, tiny_config_dir, output, "--num_train_epochs", "2"))
     assert summary["steps"] == 4 and summary["skipped_images"] == 0
     for name in (
         "model.safetensors",
@@ -103,29 +106,29 @@ def test_config_overrides_reach_the_model_and_matching_accuracies_are_logged(
     accuracies are averaged like the losses and land in the summary."""
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
-    summary = pretrain.main(
+    summary = main(
         _args(data, tiny_config_dir, output, "--max_steps", "2", "--config_overrides", "local_loss_weight=0")
     )
     assert json.loads((output / "config.json").read_text())["local_loss_weight"] == 0
     for name in ("final_decomposition_accuracy", "final_composition_accuracy"):
         assert 0.0 <= summary[name] <= 1.0, name
     with pytest.raises(ValueError, match="bogus"):
-        pretrain.main(_args(data, tiny_config_dir, tmp_path / "other", "--config_overrides", "bogus=1"))
+        main(_args(data, tiny_config_dir, tmp_path / "other", "--config_overrides", "bogus=1"))
 
 
 def test_augmentation_overrides_reach_the_exported_processor(tmp_path, tiny_config_dir) -> None:
     """--augmentation_overrides (the official code's weaker photometric augmentation) are used and exported;
     a misspelt field or a malformed value is refused before training."""
-    assert pretrain.parse_overrides("brightness=0.2,sharpness=1.2:1.5") == {
+    assert parse_overrides("brightness=0.2,sharpness=1.2:1.5") == {
         "brightness": 0.2,
         "sharpness": (1.2, 1.5),
     }
     for bad, message in (("brightnes=0.2", "no field.*brightnes"), ("blur_sigma=a:b", "blur_sigma=a:b")):
         with pytest.raises(ValueError, match=message):
-            pretrain.parse_overrides(bad)
+            parse_overrides(bad)
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
-    pretrain.main(
+    main(
         _args(data, tiny_config_dir, output, "--max_steps", "1", "--augmentation_overrides", "brightness=0.2")
     )
     assert AceImageProcessor.from_pretrained(output).brightness == 0.2
@@ -139,7 +142,7 @@ def resume_setup(tmp_path, tiny_config_dir):
     """12 images, batch 4: 3 steps an epoch, 6 in all; the weights of an uninterrupted run at step 6."""
     data = _write_images(tmp_path / "data", 12)
     straight = tmp_path / "straight"
-    pretrain.main(_args(data, tiny_config_dir, straight, *RESUME_ARGS))
+    main(_args(data, tiny_config_dir, straight, *RESUME_ARGS))
     return data, tiny_config_dir, load_file(straight / "checkpoints" / "step_6" / "model.safetensors")
 
 
@@ -170,15 +173,13 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_weight
     data, config_dir, expected = resume_setup
     output = tmp_path / "stopped"
     _interrupt_at_update(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    summary = pretrain.main(_args(data, config_dir, output, *RESUME_ARGS))
+    summary = main(_args(data, config_dir, output, *RESUME_ARGS))
     monkeypatch.undo()
     assert summary["interrupted"] and summary["steps"] == 5
-    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2", "step_4", "step_5"]
+    assert [p.name for p in checkpoint_dirs(output)] == ["step_2", "step_4", "step_5"]
     assert not (output / "model.safetensors").exists(), "an interrupted run must not export"
 
-    summary = pretrain.main(
-        _args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
-    )
+    summary = main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
     assert summary["steps"] == 6 and not summary["interrupted"]
     _assert_same_weights(output, expected)
 
@@ -194,11 +195,11 @@ def test_crashed_run_resumes_from_the_last_checkpoint_with_the_same_weights(
 
     _interrupt_at_update(monkeypatch, 5, crash)  # after the checkpoint at step 4, in the middle of epoch 2
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain.main(_args(data, config_dir, output, *RESUME_ARGS))
+        main(_args(data, config_dir, output, *RESUME_ARGS))
     monkeypatch.undo()
-    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2", "step_4"]
+    assert [p.name for p in checkpoint_dirs(output)] == ["step_2", "step_4"]
 
-    pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
+    main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
     _assert_same_weights(output, expected)
 
 
@@ -209,11 +210,11 @@ def test_views_on_device_train_and_resume_bit_identically(tmp_path, resume_setup
     data, config_dir, expected = resume_setup
     output = tmp_path / "on_device"
     _interrupt_at_update(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    summary = pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, "--views_on_device"))
+    summary = main(_args(data, config_dir, output, *RESUME_ARGS, "--views_on_device"))
     monkeypatch.undo()
     assert summary["interrupted"] and summary["steps"] == 5
     resume = ("--views_on_device", "--resume_from_checkpoint", "latest")
-    assert pretrain.main(_args(data, config_dir, output, *RESUME_ARGS, *resume))["steps"] == 6
+    assert main(_args(data, config_dir, output, *RESUME_ARGS, *resume))["steps"] == 6
     _assert_same_weights(output, expected)
 
 
@@ -221,8 +222,8 @@ def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 8)
     output = tmp_path / "out"
     extra = ("--max_steps", "5", "--checkpointing_steps", "1", "--export_with_checkpoints")
-    pretrain.main(_args(data, tiny_config_dir, output, *extra))
-    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_4", "step_5"]
+    main(_args(data, tiny_config_dir, output, *extra))
+    assert [p.name for p in checkpoint_dirs(output)] == ["step_4", "step_5"]
     assert not list((output / "checkpoints").glob(".partial-*"))
     assert (output / "checkpoints" / "step_4" / "encoder" / "model.safetensors").exists()
 
@@ -230,7 +231,7 @@ def test_checkpoints_are_pruned_to_the_limit(tmp_path, tiny_config_dir) -> None:
 def test_bf16_autocast_run_exports_float32_weights(tmp_path, tiny_config_dir, monkeypatch) -> None:
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     data = _write_images(tmp_path / "data", 8)
-    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", "--max_steps", "2"))
+    summary = main(_args(data, tiny_config_dir, tmp_path / "out", "--max_steps", "2"))
     assert np.isfinite(summary["final_loss"])
     assert all(
         value.dtype == torch.float32 for value in load_file(tmp_path / "out" / "model.safetensors").values()
@@ -239,7 +240,7 @@ def test_bf16_autocast_run_exports_float32_weights(tmp_path, tiny_config_dir, mo
 
 def test_bad_files_are_skipped_counted_and_named(tmp_path, tiny_config_dir, caplog) -> None:
     data = _write_images(tmp_path / "data", 6, bad=2)
-    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", "--num_train_epochs", "1"))
+    summary = main(_args(data, tiny_config_dir, tmp_path / "out", "--num_train_epochs", "1"))
     assert summary["steps"] == 2
     assert summary["skipped_images"] == 2
     assert "broken0.png" in caplog.text and "broken1.png" in caplog.text
@@ -267,8 +268,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, m
     with pytest.raises(
         FloatingPointError, match=r"non-finite at optimizer step 3.*this process: nan.*step_2"
     ):
-        pretrain.main(_args(data, tiny_config_dir, output, "--max_steps", "6", "--checkpointing_steps", "2"))
-    assert [p.name for p in pretrain.checkpoint_dirs(output)] == ["step_2"]
+        main(_args(data, tiny_config_dir, output, "--max_steps", "6", "--checkpointing_steps", "2"))
+    assert [p.name for p in checkpoint_dirs(output)] == ["step_2"]
 
 
 def test_push_to_hub_uploads_the_export(tmp_path, tiny_config_dir, monkeypatch) -> None:
@@ -276,7 +277,7 @@ def test_push_to_hub_uploads_the_export(tmp_path, tiny_config_dir, monkeypatch) 
     monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
     data = _write_images(tmp_path / "data", 8)
     extra = ("--max_steps", "1", "--push_to_hub", "--hub_model_id", "org/ace-test", "--hub_private_repo")
-    pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
     assert api.created == [
         {"repo_id": "org/ace-test", "private": True, "exist_ok": True, "repo_type": "model"}
     ]
@@ -296,16 +297,14 @@ def test_streaming_with_tensorboard_and_continuing_from_an_encoder(tmp_path, tin
     data = _write_images(tmp_path / "data", 8)
     first = tmp_path / "first"
     extra = ("--streaming", "--max_steps", "3", "--report_to", "tensorboard", "--save_sample_ids")
-    summary = pretrain.main(_args(data, tiny_config_dir, first, *extra))
+    summary = main(_args(data, tiny_config_dir, first, *extra))
     assert summary["steps"] == 3
     assert list(first.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
     seen = json.loads((first / "sample_ids_rank0.json").read_text())
     assert len(seen) == 12 and set(seen) <= set(range(8))
 
     second = tmp_path / "second"
-    pretrain.main(
-        [*_args(data, tiny_config_dir, second, "--max_steps", "1"), "--model_name_or_path", str(first)]
-    )
+    main([*_args(data, tiny_config_dir, second, "--max_steps", "1"), "--model_name_or_path", str(first)])
     assert (second / "model.safetensors").exists()
 
 
@@ -339,11 +338,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from tests.test_pretrain_script import pretrain
+from ace_hf.pretraining.guard import StepGuard
 
 accelerator = Accelerator()
 loss = torch.tensor(float("nan") if accelerator.process_index == 0 else 1.0)
-guard = pretrain.StepGuard(accelerator.device)
+guard = StepGuard(accelerator.device)
 guard.observe(loss, step=7)
 guard.observe(torch.tensor(float("nan")), step=8)  # only the first non-finite step is reported
 try:
@@ -487,7 +486,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, tiny_config_dir)
     """3 batches with accumulation 2: a full window and Accelerate's final partial one, 2 steps an epoch."""
     data = _write_images(tmp_path / "data", 12)
     extra = ("--num_train_epochs", "2", "--gradient_accumulation_steps", "2")
-    summary = pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    summary = main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
     assert summary["steps"] == summary["total_steps"] == 4
     assert summary["global_batch_size"] == 8
 
@@ -497,24 +496,25 @@ def test_continuing_from_an_export_loads_its_pretraining_heads(tmp_path, tiny_co
     export without them the log says that they start fresh. The card names no local path."""
     data = _write_images(tmp_path / "data", 8)
     first = tmp_path / "first"
-    pretrain.main(_args(data, tiny_config_dir, first, "--max_steps", "2"))
+    main(_args(data, tiny_config_dir, first, "--max_steps", "2"))
     saved = load_file(first / PRETRAINING_HEADS_NAME)
     card = (first / "README.md").read_text()
     assert str(tmp_path) not in card
     assert "Smoke test" in card and "it ran 2 optimizer steps" in card
 
     caplog.set_level(logging.INFO)
-    args = pretrain.parse_args(
-        _args(data, tiny_config_dir, tmp_path / "second", "--model_name_or_path", str(first))
+    args = parse_arguments(
+        PretrainingArguments,
+        _args(data, tiny_config_dir, tmp_path / "second", "--model_name_or_path", str(first)),
     )
-    model = pretrain.build_model(args, pretrain.build_config(args))
+    model = build_model(args, build_config(args))
     assert f"loaded pretraining heads from {first / PRETRAINING_HEADS_NAME}" in caplog.text
     for key, value in model.pretraining_heads_state_dict().items():
         assert torch.equal(value, saved[key]), key
 
     (first / PRETRAINING_HEADS_NAME).unlink()
     caplog.clear()
-    pretrain.build_model(args, pretrain.build_config(args))
+    build_model(args, build_config(args))
     assert (
         f"pretraining heads start fresh (no {PRETRAINING_HEADS_NAME} in {first}): "
         "expect the first epochs to re-learn them"
@@ -526,20 +526,20 @@ def test_the_host_syncs_only_at_logging_and_checkpoint_steps(tmp_path, tiny_conf
     and before each checkpoint; a NaN is still reported at the step it happened, before any checkpoint."""
     data = _write_images(tmp_path / "data", 8)
     checked_at: list[int] = []
-    check = pretrain.StepGuard.check
+    check = StepGuard.check
     monkeypatch.setattr(
-        pretrain.StepGuard,
+        StepGuard,
         "check",
         lambda self, *args: checked_at.append(int(self.first_bad_step)) or check(self, *args),
     )
     extra = ("--max_steps", "7", "--logging_steps", "3", "--checkpointing_steps", "5")
-    pretrain.main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
     assert len(checked_at) == 4  # steps 3, 5 (checkpoint), 6, 7 (the end); not 7 syncs
 
     _diverge_at_forward(monkeypatch, 2)
     with pytest.raises(FloatingPointError, match=r"non-finite at optimizer step 1 .*no checkpoint yet"):
-        pretrain.main(_args(data, tiny_config_dir, tmp_path / "nan", *extra))
-    assert pretrain.checkpoint_dirs(tmp_path / "nan") == []
+        main(_args(data, tiny_config_dir, tmp_path / "nan", *extra))
+    assert checkpoint_dirs(tmp_path / "nan") == []
 
 
 @pytest.mark.slow  # inductor compiles the pretraining model: about a minute on 2 cores
@@ -548,7 +548,7 @@ def test_compiled_run_never_recompiles_and_matches_eager(tmp_path, tiny_config_d
     temperature changes every step, and the same training as in eager mode up to kernel rounding."""
     data = _write_images(tmp_path / "data", 8)
     run = ("--max_steps", "6", "--warmup_epochs", "1")
-    pretrain.main(_args(data, tiny_config_dir, tmp_path / "eager", *run))
+    main(_args(data, tiny_config_dir, tmp_path / "eager", *run))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
         "--mixed_precision", "no", "--dynamo_backend", "inductor",

@@ -1,8 +1,10 @@
-"""ace_hf.visualization and examples/visualize.py: colours mean embeddings, similarity peaks at the query,
-maps land on the right pixels, and the script writes both pictures at the expected size."""
+"""ace_hf.visualization and ace_hf.visualize (examples/visualize.py): colours mean embeddings, similarity peaks at
+the query, maps land on the right pixels, and both pictures are written at the expected size."""
 
 from __future__ import annotations
 
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,8 @@ from ace_hf.visualization import (
     similarity_maps,
     to_pil,
 )
-from tests.conftest import load_example, tiny_vit_config
-
-
-def load_script():
-    return load_example("visualize")
+from ace_hf.visualize import GeometryError, VisualizationArguments, main, visualize
+from tests.conftest import EXAMPLES, tiny_vit_config
 
 
 def colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,10 +135,12 @@ def test_image_grid_and_mark_point() -> None:
         image_grid([[tile]], labels=["a", "b"])
 
 
-# ------------------------------------------------------------------------------------------------ the script
+# --------------------------------------------------------------------------------------------- the workflow
 
 
-def test_visualize_script_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture
+def models_and_images(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A model saved with its processor, one without (the processor its config implies), and two images."""
     config = tiny_vit_config()
     with_processor, without_processor = tmp_path / "model_a", tmp_path / "model_b"
     AceModel(config).save_pretrained(with_processor)
@@ -150,13 +151,21 @@ def test_visualize_script_end_to_end(tmp_path: Path) -> None:
     images.mkdir()
     PIL.Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8)).save(images / "a.png")
     PIL.Image.fromarray(rng.integers(0, 4096, (60, 44), dtype=np.uint16)).save(images / "b16.png")
+    return with_processor, without_processor, images
 
-    script = load_script()
-    argv = ["--model_name_or_path", str(with_processor), str(without_processor), "--images", str(images)]
-    argv += ["--query", "5", "20", "--random_init", "--output_dir", str(tmp_path / "out")]
-    assert script.main(argv) == 0
 
-    side, tiles = config.image_size, 2  # the processor's size; two images per row
+def test_visualize_end_to_end(models_and_images, tmp_path: Path) -> None:
+    with_processor, without_processor, images = models_and_images
+    args = VisualizationArguments(
+        model_name_or_path=[str(with_processor), str(without_processor)],
+        images=[images],
+        query=[5, 20],
+        random_init=True,
+        output_dir=tmp_path / "out",
+    )
+    assert visualize(args) == [tmp_path / "out" / "pca.png", tmp_path / "out" / "similarity.png"]
+
+    side, tiles = tiny_vit_config().image_size, 2  # the processor's size; two images per row
     width = tiles * side + (tiles + 1) * GAP
     row = side + LABEL_HEIGHT + GAP
     # pca.png: the inputs, then 2 models + the random-init reference; similarity.png: one row per encoder
@@ -164,6 +173,33 @@ def test_visualize_script_end_to_end(tmp_path: Path) -> None:
         with PIL.Image.open(tmp_path / "out" / name) as picture:
             assert picture.size == (width, rows * row + GAP), name
 
+
+def test_a_size_off_the_token_stride_is_one_error_line(models_and_images, tmp_path: Path) -> None:
+    with_processor, _, images = models_and_images
     argv = ["--model_name_or_path", str(with_processor), "--images", str(images / "a.png"), "--size", "20"]
     with pytest.raises(SystemExit, match="token stride"):
-        script.main([*argv, "--output_dir", str(tmp_path / "bad")])
+        main([*argv, "--output_dir", str(tmp_path / "bad")])
+    args = VisualizationArguments([str(with_processor)], tmp_path / "bad", images=[images], query=[40, 0])
+    with pytest.raises(GeometryError, match="outside the 32 x 32 image"):
+        visualize(args)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--query", "5"], ["--size", "0"], ["--images", "missing.png"], ["--heldout", "0"]]
+)
+def test_bad_arguments_are_refused(argv: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--model_name_or_path", "model", "--output_dir", str(tmp_path), *argv])
+
+
+def test_script_smoke(models_and_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/visualize.py only parses and calls ace_hf.visualize.main: its flags and exit status."""
+    with_processor, _, images = models_and_images
+    argv = ["--model_name_or_path", str(with_processor), "--images", str(images / "a.png")]
+    monkeypatch.setattr(
+        sys, "argv", ["visualize.py", *argv, "--query", "5", "20", "--output_dir", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(EXAMPLES / "visualize.py"), run_name="__main__")
+    assert exited.value.code == 0
+    assert (tmp_path / "pca.png").is_file() and (tmp_path / "similarity.png").is_file()

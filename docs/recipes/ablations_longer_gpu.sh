@@ -14,7 +14,7 @@ fi
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-/tmp/hf-datasets}
 start=$(date +%s)
-python3 -c "from ace_hf.drr import build_default_dataset as b; b(300, 320)" > "$OUT/render.log" 2>&1 ||
+python3 -c "from ace_hf.synthetic.datasets import build_default_dataset as b; b(300, 320)" > "$OUT/render.log" 2>&1 ||
     { tail -20 "$OUT/render.log"; exit 1; }
 echo "rendered in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
 

@@ -9,9 +9,9 @@ LR=${LR:-2e-3}
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-/tmp/hf-datasets}
 start=$(date +%s)
-OMP_NUM_THREADS=6 python3 -c "from ace_hf.drr import build_default_dataset as b; b(300, 320)" > "$OUT/render-train.log" 2>&1 &
-OMP_NUM_THREADS=4 python3 -c "from ace_hf.drr import build_heldout_dataset as b; b(64, 320)" > "$OUT/render-anatomy.log" 2>&1 &
-OMP_NUM_THREADS=6 python3 -c "from ace_hf.drr import build_heldout_dataset as b; b(120, 320, with_findings=True)" > "$OUT/render-findings.log" 2>&1 &
+OMP_NUM_THREADS=6 python3 -c "from ace_hf.synthetic.datasets import build_default_dataset as b; b(300, 320)" > "$OUT/render-train.log" 2>&1 &
+OMP_NUM_THREADS=4 python3 -c "from ace_hf.synthetic.datasets import build_heldout_dataset as b; b(64, 320)" > "$OUT/render-anatomy.log" 2>&1 &
+OMP_NUM_THREADS=6 python3 -c "from ace_hf.synthetic.datasets import build_heldout_dataset as b; b(120, 320, with_findings=True)" > "$OUT/render-findings.log" 2>&1 &
 wait
 echo "rendered in $(( $(date +%s) - start )) s" | tee "$OUT/times.txt"
 

@@ -9,7 +9,7 @@ the PA film then shows it through the same projection as the normal anatomy:
 - pleural_effusion: water in the dependent pleural space, a basal opacity with a meniscus;
 - cardiomegaly: a heart enlarged in the axial plane, a wider cardiac shadow (cardiothoracic ratio up).
 
-Every random draw comes from the caller's generator. Training/data side only: not shipped to the Hub.
+Every random draw comes from the caller's generator.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from ace_hf.drr import ANATOMY_GROUPS, MU_WATER, ChestCT, _dilate
+from .ct import ANATOMY_GROUPS, MU_WATER, ChestCT, dilate
 
 FINDINGS = ("nodule", "pleural_effusion", "cardiomegaly")
 MU_SOFT_TISSUE = MU_WATER * 1.05  # ~50 HU: solid nodule, myocardium and blood without contrast
@@ -164,7 +164,7 @@ def _add_nodule(
     room = torch.zeros_like(region)
     room[tuple(slice(r, -r) for r in reach)] = True
     open_ray = aerated.sum(2) >= OPEN_LUNG * (mu > 0).sum(2)
-    candidates = (room & region & ~_dilate(~region, reach) & open_ray[crop[:2]][..., None]).nonzero()
+    candidates = (room & region & ~dilate(~region, reach) & open_ray[crop[:2]][..., None]).nonzero()
     if len(candidates) == 0:
         raise ValueError(f"no room for a {diameter_mm:.0f} mm nodule in the open lung fields")
     offset = torch.tensor([c.start for c in crop])

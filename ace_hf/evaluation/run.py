@@ -1,0 +1,148 @@
+"""Evaluate ACE encoders on held-out chest radiographs: anatomical consistency, few-shot segmentation and
+findings classification (see `ace_hf.evaluation.suite`). Writes `results.json` and `results.md` to --output_dir.
+
+    python examples/run_evaluation.py --model_name_or_path outputs/ace-pretrain --random_init
+    python examples/run_evaluation.py --model_name_or_path org/ace-vit-b outputs/my-run --names hub mine
+
+Every field of `ace_hf.evaluation.config.EvaluationConfig` is an option (--num_anatomy_images,
+--segmentation_shots 1 5 20, --finetune_steps 0 to skip fine-tuning, ...). `--random_init` adds the first model's
+architecture at random initialization, the baseline a pretrained encoder must beat; `--random_init_seeds 0 1 2`
+adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A single
+.json or .yaml file of options can stand for the command line.
+
+Training-side module: never imported by the files that travel to the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from ..modeling_ace import AceModel
+from .config import EvaluationConfig
+from .report import results_markdown
+from .suite import evaluate_encoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationArguments:
+    """Which encoders to compare and where the results go; what the suite runs is `EvaluationConfig`."""
+
+    model_name_or_path: list[str] = field(
+        default_factory=list, metadata={"help": "ACE encoders: folders, Hub ids or pretraining checkpoints."}
+    )
+    names: list[str] = field(default_factory=list, metadata={"help": "Column names (default: the paths)."})
+    random_init: bool = field(
+        default=False, metadata={"help": "Also evaluate the first model's architecture at random init."}
+    )
+    random_init_seeds: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Random-init columns of the first model's architecture for these seeds (the weights a "
+            "from-scratch `pretrain.py --seed s` run starts from under the same torch version), all on the same "
+            "crops and draws (--seed): paired comparisons over several seeds."
+        },
+    )
+    output_dir: str = field(
+        default="outputs/evaluation", metadata={"help": "Folder of results.json and results.md."}
+    )
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        metadata={"help": "Device of the encoders (default: cuda when available)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required (one or more encoders)")
+        if self.names and len(self.names) != len(self.model_name_or_path):
+            raise ValueError(f"--names needs one name per --model_name_or_path, got {self.names}")
+
+
+def load_encoders(args: EvaluationArguments, seed: int) -> dict[str, AceModel]:
+    """The encoders to compare, by column name; the random-init baseline is seeded like pretraining."""
+    names = args.names or args.model_name_or_path
+    encoders = {
+        name: AceModel.from_pretrained(path)
+        for name, path in zip(names, args.model_name_or_path, strict=True)
+    }
+    config = next(iter(encoders.values())).config
+    if args.random_init_seeds:
+        warn_if_pretrained_under_another_torch(args.model_name_or_path)
+    if args.random_init:
+        torch.manual_seed(seed)
+        encoders["random init"] = AceModel(config)
+    for init_seed in args.random_init_seeds:
+        torch.manual_seed(init_seed)
+        encoders[f"random init (seed {init_seed})"] = AceModel(config)
+    return encoders
+
+
+def warn_if_pretrained_under_another_torch(paths: list[str]) -> None:
+    """A random-init column is a run's own start only under the torch that drew it: torch 2.11's
+    nn.init.trunc_normal_ sampled by inverse CDF, 2.14's by rejection, so one seed gives other weights."""
+    running = str(torch.__version__).split(".")[:2]
+    for path in paths:
+        summary = Path(path) / "training_summary.json"
+        pretrained_under = json.loads(summary.read_text()).get("torch_version") if summary.is_file() else None
+        if pretrained_under and pretrained_under.split(".")[:2] != running:
+            logger.warning(
+                f"{path} was pretrained under torch {pretrained_under} and this is torch {torch.__version__}: "
+                "--random_init_seeds may not rebuild the weights it started from (torch's trunc_normal_ "
+                "draws other values for the same seed across versions)."
+            )
+
+
+def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate every encoder with the same crops and draws; writes results.json and results.md to
+    `args.output_dir` and returns the results by column name (each with its wall time)."""
+    results, wall_times = {}, {}
+    for name, encoder in load_encoders(args, config.seed).items():
+        logger.info(f"Evaluating {name}")
+        start = time.perf_counter()
+        results[name] = evaluate_encoder(encoder.to(args.device), config)
+        wall_times[name] = round(time.perf_counter() - start, 1)
+        results[name]["wall_time_s"] = wall_times[name]
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.md").write_text(results_markdown(results))
+    logger.info(f"Wrote {output_dir / 'results.md'} and results.json (wall times: {wall_times})")
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EvaluationArguments, EvaluationConfig]:
+    """Arguments from the command line, or from a single .json/.yaml file given as the only argument."""
+    parser = HfArgumentParser(
+        (EvaluationArguments, EvaluationConfig),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            return parser.parse_yaml_file(argv[0])
+        return parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # from __post_init__: one usage line, as for any other bad argument
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Parse the arguments, run the evaluation and print the Markdown table."""
+    args, config = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    results = run_evaluation(args, config)
+    print(results_markdown(results))
+    return results

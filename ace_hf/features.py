@@ -1,0 +1,195 @@
+"""Extract ACE embeddings for an image file or a folder of images: a global vector and a patch map per image.
+
+    python examples/extract_features.py --model_name_or_path org/ace-vit-b --input xrays/ --output features/
+    python examples/extract_features.py ... --size 512x640 --resize_mode pad   # another input size
+
+--size (N or HxW, multiples of the model's token stride) and --resize_mode ("resize" stretches, "pad" keeps the
+aspect ratio with black borders, "shortest_edge_crop" keeps it by center cropping) override the processor's own;
+the patch map's h x w is the size divided by the stride.
+
+Outputs, for an image `<relative name>` (its path under --input, extension included):
+- npy: `<relative name>.global.npy` [C] and `<relative name>.patch.npy` [C, h, w], mirroring the input folders;
+- safetensors: one `features.safetensors` with keys `<relative name>.global` / `.patch`, and
+  `features_index.json` mapping each key to its image file (all features are held in memory until the end).
+
+Images go through the model's image processor directly (not PIL's 8-bit RGB conversion), so 16-bit X-rays keep
+their full range. Files that cannot be read are skipped (`ace_hf.image_io.load_or_skip`), counted and named at
+the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
+from ace_hf.arguments import parse_arguments
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files, load_or_skip
+from ace_hf.runs import OutputDirError, ensure_writable_folder
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_NAMES_SHOWN = 5
+
+
+def parse_size(text: str | int) -> int | dict[str, int]:
+    """'512' -> 512 (square), '512x640' -> {"height": 512, "width": 640}; the processor checks the stride."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"--size {text!r} is not N or HxW with positive integers")
+    if len(parts) == 1:
+        return int(parts[0])
+    return {"height": int(parts[0]), "width": int(parts[1])}
+
+
+@dataclass
+class FeatureExtractionArguments:
+    """What to embed, with which model, and where the features go."""
+
+    model_name_or_path: str = field(metadata={"help": "exported model folder or Hub model id"})
+    input: Path = field(metadata={"help": "an image file, or a folder (searched recursively)"})
+    output: Path = field(metadata={"help": "folder for the features"})
+    format: Literal["npy", "safetensors"] = field(
+        default="npy", metadata={"help": "one .npy pair per image, or one features.safetensors"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "images per forward pass"})
+    size: str | None = field(
+        default=None, metadata={"help": "model input size, N or HxW pixels (default: the processor's own)"}
+    )
+    resize_mode: Literal["resize", "shortest_edge_crop", "pad"] | None = field(
+        default=None,
+        metadata={"help": "how images meet the size (default: the processor's own, normally resize)"},
+    )
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "where the model runs"}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "allow code stored with the model (ACE models load with the ace_hf classes either way)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # Paths from a .json/.yaml file arrive as strings.
+        self.input, self.output = Path(self.input), Path(self.output)
+        if not self.input.exists():
+            raise ValueError(f"--input {str(self.input)!r} does not exist")
+        if self.batch_size < 1:
+            raise ValueError("--batch_size must be at least 1")
+        if self.size is not None:
+            parse_size(self.size)  # a malformed size fails with the arguments, not after the model loads
+
+
+@dataclass
+class ExtractionSummary:
+    """Which images got features (names relative to --input) and which were skipped ("path (reason)")."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def find_images(input_path: Path) -> list[Path]:
+    """The input file itself, or every image under the folder (sorted)."""
+    return [input_path] if input_path.is_file() else list_image_files(input_path)
+
+
+def processor_overrides(args: FeatureExtractionArguments) -> dict[str, Any]:
+    """The processor settings given as arguments (left-out ones keep the saved values)."""
+    given = {"size": None if args.size is None else parse_size(args.size), "resize_mode": args.resize_mode}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def load_pixels(processor: BaseImageProcessor, path: Path) -> torch.Tensor:
+    """One image as model input [num_channels, H, W]; DICOM is read with its LUTs applied, the rest by the
+    processor's own windowing (8-bit, 16-bit and float images by bit depth)."""
+    return processor(decode_image(path), return_tensors="pt")["pixel_values"][0]
+
+
+def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
+    """Embed every image of `args.input` and write the features to `args.output`.
+
+    Raises OutputDirError for an unusable output folder, before the model loads: a wrong path should cost one
+    line, not a load and a traceback.
+    """
+    ensure_writable_folder(args.output, "--output")
+    model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = model.to(args.device).eval()
+    # Overrides go through the processor's __init__, so a bad size fails here, not as a skip of every file.
+    processor = AutoImageProcessor.from_pretrained(
+        args.model_name_or_path, trust_remote_code=args.trust_remote_code, **processor_overrides(args)
+    )
+
+    summary = ExtractionSummary()
+    paths = find_images(args.input)
+    if not paths:
+        logger.error(f"No images found at {args.input} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        return summary
+    root = args.input if args.input.is_dir() else args.input.parent
+    features: dict[str, np.ndarray] = {}  # safetensors format: written at the end
+    index: dict[str, str] = {}  # safetensors key -> image file, relative to --input
+
+    with torch.no_grad(), tqdm(total=len(paths), desc="Extracting", unit="image") as progress:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start : start + args.batch_size]
+            names, pixels = [], []
+            for position, path in enumerate(batch, start):
+                loaded, reason = load_or_skip(path, position, partial(load_pixels, processor))
+                if loaded is None:
+                    summary.skipped.append(reason)
+                else:
+                    pixels.append(loaded)
+                    names.append(path.relative_to(root).as_posix())
+            if pixels:
+                outputs = model(pixel_values=torch.stack(pixels).to(args.device))
+                global_embeddings = outputs.pooler_output.float().cpu().numpy()
+                # contiguous: safetensors writes an array's raw buffer, whatever its strides
+                patch_maps = outputs.patch_embeddings.float().cpu().contiguous().numpy()
+                for name, global_embedding, patch_map in zip(
+                    names, global_embeddings, patch_maps, strict=True
+                ):
+                    arrays = {f"{name}.global": global_embedding, f"{name}.patch": patch_map}
+                    if args.format == "npy":
+                        (args.output / name).parent.mkdir(parents=True, exist_ok=True)
+                        for key, array in arrays.items():
+                            np.save(args.output / f"{key}.npy", array)
+                    else:
+                        features.update(arrays)
+                        index.update(dict.fromkeys(arrays, name))
+                summary.written += names
+            progress.update(len(batch))
+
+    if args.format == "safetensors" and features:
+        metadata = {"model": str(args.model_name_or_path)}
+        save_file(features, args.output / "features.safetensors", metadata=metadata)
+        (args.output / "features_index.json").write_text(json.dumps(index, indent=2))
+    logger.info(f"Wrote features of {len(summary.written)} image(s) to {args.output}.")
+    if summary.skipped:
+        shown = "\n  ".join(summary.skipped[:SKIPPED_NAMES_SHOWN]) + (
+            "\n  ..." if len(summary.skipped) > SKIPPED_NAMES_SHOWN else ""
+        )
+        logger.warning(f"Skipped {len(summary.skipped)} unreadable file(s):\n  {shown}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the extraction; returns the exit status (1 when no image could be read, 2 for an unusable --output)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_arguments(FeatureExtractionArguments, argv, description=__doc__)
+    try:
+        summary = extract_features(args)
+    except OutputDirError as error:
+        logger.error(str(error))
+        return 2
+    return 0 if summary.written else 1

@@ -1,0 +1,153 @@
+"""Every option of a fine-tuning run, and the refusal of contradictory ones before any data is read.
+
+Training-side module: never imported by the files that travel to the Hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..configuration_ace import IGNORE_INDEX
+
+# Default `metric_for_best_model` per kind of task; every one of them is better when higher.
+DEFAULT_BEST_METRIC = {
+    "classification": "balanced_accuracy",
+    "multi_label": "roc_auc",
+    "segmentation": "mean_iou",
+}
+
+
+@dataclass
+class FinetuningArguments:
+    """Options of `finetune`; each field is also a command-line flag of the same name."""
+
+    # model
+    model_name_or_path: str = field(metadata={"help": "An ACE encoder folder or Hub id."})
+    freeze_encoder: bool = field(default=False, metadata={"help": "Train the head only (linear probing)."})
+    # task
+    task: Literal["classification", "segmentation"] = field(
+        default="classification", metadata={"help": "Image-level classes, or a class per pixel."}
+    )
+    multi_label: bool = field(
+        default=False, metadata={"help": "Several 0/1 labels per image (needs --label_columns)."}
+    )
+    ignore_index: int = field(
+        default=IGNORE_INDEX, metadata={"help": "Mask value left out of loss and mIoU."}
+    )
+    # data: one of train_dir, dataset_name, train_csv
+    train_dir: str | None = field(
+        default=None,
+        metadata={"help": "An image folder with one subfolder per class (datasets' imagefolder)."},
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The Hub dataset's configuration."}
+    )
+    train_split_name: str = field(
+        default="train", metadata={"help": "Split of --train_dir or --dataset_name."}
+    )
+    validation_split_name: str = field(
+        default="validation", metadata={"help": "Validation split, if the data has one."}
+    )
+    train_csv: str | None = field(
+        default=None, metadata={"help": "A CSV of image paths (relative to the CSV's folder) and labels."}
+    )
+    validation_csv: str | None = field(
+        default=None, metadata={"help": "A CSV like --train_csv's, to validate on."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Image (file path) column."})
+    label_column: str = field(
+        default="label", metadata={"help": "Class column of single-label classification."}
+    )
+    label_columns: str | None = field(
+        default=None, metadata={"help": "Comma-separated 0/1 columns of multi-label classification."}
+    )
+    mask_column: str = field(default="mask", metadata={"help": "Label-map column of segmentation."})
+    label_names: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated segmentation class names (default: class_0 ... from the masks)."},
+    )
+    validation_fraction: float = field(default=0.2, metadata={"help": "Held out when no validation split."})
+    shots_per_class: int | None = field(
+        default=None, metadata={"help": "Few-shot: train on K examples per class."}
+    )
+    train_fraction: float = field(default=1.0, metadata={"help": "Train on this share of the train set."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Processes decoding batches (0: the main one)."}
+    )
+    # training
+    output_dir: str = field(
+        default="outputs/ace-finetune", metadata={"help": "Where the best epoch's model and scores go."}
+    )
+    num_train_epochs: int = field(
+        default=10, metadata={"help": "Passes over the train set, each one validated."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay (not on biases and norms)."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Steps of linear learning-rate warmup."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Training images per batch and device."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"help": "Validation images per batch and device."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Validation metric that picks the saved epoch (default: balanced_accuracy, roc_auc for "
+            "multi-label, mean_iou for segmentation; a name ending in 'loss' is minimized)."
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seeds the held-out validation set, the few-shot draw and training."}
+    )
+    # the Hub
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the best model and its card to the Hub."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "The Hub repo to push to (namespace/name)."}
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token (default: $HF_TOKEN, else the token stored by `hf auth login`)."},
+    )
+
+    def __post_init__(self) -> None:
+        """Refuse contradictory options before any data is read."""
+        sources = [name for name in ("train_dir", "dataset_name", "train_csv") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ValueError("pass exactly one of --train_dir, --dataset_name, --train_csv")
+        if self.validation_csv and not self.train_csv:
+            raise ValueError("--validation_csv goes with --train_csv")
+        if self.multi_label and not self.label_columns:
+            raise ValueError("--multi_label needs --label_columns a,b,c")
+        if self.task == "segmentation" and (self.train_dir or self.multi_label):
+            raise ValueError("--task segmentation reads image/mask pairs from --train_csv or --dataset_name")
+        if self.shots_per_class is not None and self.task == "segmentation":
+            raise ValueError(
+                "--shots_per_class needs image-level classes; use --train_fraction for segmentation"
+            )
+        if self.shots_per_class is not None and (self.shots_per_class < 1 or self.train_fraction != 1.0):
+            raise ValueError("--shots_per_class must be >= 1 and excludes --train_fraction")
+        if not 0 < self.train_fraction <= 1 or not 0 < self.validation_fraction < 1:
+            raise ValueError("--train_fraction must be in (0, 1] and --validation_fraction in (0, 1)")
+        if self.num_train_epochs < 1:
+            raise ValueError("--num_train_epochs must be >= 1")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+
+    @property
+    def task_kind(self) -> str:
+        """ "classification", "multi_label" or "segmentation": what the metrics, defaults and card depend on."""
+        return "multi_label" if self.multi_label else self.task
+
+    @property
+    def best_metric(self) -> str:
+        """The validation metric that picks the saved epoch."""
+        return self.metric_for_best_model or DEFAULT_BEST_METRIC[self.task_kind]

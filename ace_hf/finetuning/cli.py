@@ -1,0 +1,58 @@
+r"""Fine-tune (or linearly probe) an ACE encoder for image classification or semantic segmentation.
+
+    python examples/finetune.py --model_name_or_path outputs/ace-pretrain --train_dir my_xrays   # class folders
+    python examples/finetune.py --model_name_or_path org/ace-vit-b --train_csv train.csv --multi_label \
+        --label_columns effusion,nodule --freeze_encoder --learning_rate 1e-3                    # linear probe
+    accelerate launch examples/finetune.py --task segmentation --model_name_or_path org/ace-vit-b \
+        --train_csv masks.csv --train_fraction 0.1                                                # 10% of labels
+    python examples/finetune.py finetune.yaml                                      # the options in one file
+
+Data: an image folder (labels from the folder names; train/ and validation/ subfolders give both splits), a Hub
+dataset, or CSV files with image paths relative to the CSV (`image` and `label` columns, 0/1 columns for
+multi-label, `image` and `mask` columns for segmentation, masks being integer label PNGs). Without a validation
+split, `--validation_fraction` of the train set is held out with `--seed` before any few-shot or fraction
+subsampling: for one seed, every point of a label-efficiency curve is scored on the same images (to compare
+several few-shot draws, vary `--seed` with a fixed validation split). Each epoch is evaluated with the offline
+metric modules of `ace_hf.metrics`; the best epoch's model, image processor and `eval_results.json` are written
+to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .arguments import FinetuningArguments
+from .loop import finetune
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the description's example commands kept as written."""
+
+
+def parse_arguments(argv: list[str] | None = None) -> FinetuningArguments:
+    """Options from the command line, or from a .json/.yaml file given as the only argument; a contradictory
+    combination exits with argparse's usage and `error: ...` (exit code 2), as a wrong flag does."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(FinetuningArguments, description=__doc__, formatter_class=HelpFormatter)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            (args,) = parser.parse_json_file(argv[0])
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            (args,) = parser.parse_yaml_file(argv[0])
+        else:
+            (args,) = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command-line entry: parse the options and run `finetune`."""
+    args = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return finetune(args)

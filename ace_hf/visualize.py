@@ -1,0 +1,246 @@
+"""Look at what ACE encoders learned: PCA colours and query similarity of their patch embeddings.
+
+    python examples/visualize.py --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir vis
+    python examples/visualize.py --model_name_or_path outputs/ace-pretrain org/ace-vit-b --images xrays/ \\
+        --query 200 150 --random_init --output_dir vis
+
+Writes two pictures to --output_dir:
+- `pca.png`: a row of the input images, then per model a row with the first three principal components of its
+  patch embeddings as RGB, fitted jointly over all images: the same colour is the same embedding in every image,
+  so an anatomically consistent encoder paints the same anatomy the same colour;
+- `similarity.png`: per model, the first image with the query point (a cross; `--query ROW COL`, default the
+  centre), then the other images coloured by the cosine similarity of each patch to the query's embedding
+  (blue: least similar, red: most, on a range shared by the row).
+
+Images are `--images` (files or folders) or, without them, `--heldout N` held-out chest radiographs rendered at the
+first model's pretraining size (`grid_size * token_stride`), never seen in pretraining. `--random_init` adds the
+first model's architecture with random weights as a reference: what position embeddings and pixels alone give.
+The drawing itself is `ace_hf.visualization`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ace_hf import AceImageProcessor, AceModel
+from ace_hf.arguments import parse_arguments, run_or_exit
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files
+from ace_hf.visualization import (
+    image_grid,
+    mark_point,
+    overlay,
+    pca_rgb,
+    query_embedding,
+    similarity_maps,
+    to_pil,
+)
+
+logger = logging.getLogger(__name__)
+
+Encoder = tuple[str, AceModel, AceImageProcessor]  # label, model, the processor its image files go through
+
+
+class GeometryError(ValueError):
+    """--size or --query do not fit the encoders or the images: a usage error, reported in one line."""
+
+
+@dataclass
+class VisualizationArguments:
+    """Which encoders to picture, on which images, and where the pictures go."""
+
+    model_name_or_path: list[str] = field(metadata={"help": "one or more encoders (folders or Hub ids)"})
+    output_dir: Path = field(metadata={"help": "folder for pca.png and similarity.png"})
+    images: list[Path] | None = field(
+        default=None, metadata={"help": "image files or folders (searched recursively)"}
+    )
+    heldout: int = field(default=4, metadata={"help": "held-out radiographs to render without --images"})
+    size: int | None = field(
+        default=None,
+        metadata={"help": "inference size in pixels (default: the held-out render size or the processor's)"},
+    )
+    query: list[float] | None = field(
+        default=None,
+        metadata={"help": "query pixel ROW COL in the first image (at --size; default: the centre)"},
+    )
+    random_init: bool = field(
+        default=False, metadata={"help": "add the first model's architecture, untrained"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the --random_init weights"})
+    batch_size: int = field(default=16, metadata={"help": "images per forward pass"})
+    device: str = field(
+        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "where the models run"}
+    )
+
+    def __post_init__(self) -> None:
+        # Paths from a .json/.yaml file arrive as strings.
+        self.output_dir = Path(self.output_dir)
+        self.images = None if self.images is None else [Path(path) for path in self.images]
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path needs at least one encoder")
+        for path in self.images or []:
+            if not path.exists():
+                raise ValueError(f"--images {str(path)!r} does not exist")
+        if self.images is None and self.heldout < 1:
+            raise ValueError("--heldout must be at least 1")
+        if self.size is not None and self.size < 1:
+            raise ValueError("--size must be positive")
+        if self.query is not None and len(self.query) != 2:
+            raise ValueError(f"--query takes two numbers, ROW COL, got {self.query}")
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted)."""
+    return [found for path in inputs for found in ([path] if path.is_file() else list_image_files(path))]
+
+
+def load_processor(name: str, model: AceModel) -> AceImageProcessor:
+    """The processor saved with the model (its windowing and normalization), else the one its config implies."""
+    try:
+        return AceImageProcessor.from_pretrained(name)
+    except OSError:  # no preprocessor_config.json
+        return AceImageProcessor.from_ace_config(model.config)
+
+
+def load_encoders(args: VisualizationArguments) -> list[Encoder]:
+    """Each model with its processor; the random-init reference copies the first one's architecture."""
+    encoders: list[Encoder] = []
+    for name in args.model_name_or_path:
+        model = AceModel.from_pretrained(name).to(args.device).eval()
+        encoders.append((Path(name).name or name, model, load_processor(name, model)))
+    if args.random_init:
+        first_label, first_model, first_processor = encoders[0]
+        torch.manual_seed(args.seed)
+        untrained = AceModel(copy.deepcopy(first_model.config)).to(args.device).eval()
+        encoders.append((f"{first_label} (random init, seed {args.seed})", untrained, first_processor))
+    return encoders
+
+
+def window_files(paths: list[Path], size: int) -> torch.Tensor:
+    """Images as displayed: windowed by the processor's rules (bit depth aware), grayscale, [N, 1, size, size]."""
+    gray = AceImageProcessor(num_channels=1)
+    images = [gray.to_unit_float(decode_image(path))[None] for path in paths]
+    resized = [F.interpolate(image, size=(size, size), mode="bicubic", antialias=True) for image in images]
+    return torch.cat(resized).clamp(0, 1)
+
+
+@torch.no_grad()
+def embed_files(
+    model: AceModel, processor: AceImageProcessor, paths: list[Path], size: int, batch_size: int
+) -> torch.Tensor:
+    """Dense embeddings [N, C, h, w] of image files through the model's own processor, at `size`."""
+    processor = copy.deepcopy(processor)
+    # Set after construction: the processor ties `size` to its pretraining view geometry, inference does not.
+    processor.size = {"height": size, "width": size}
+    dense = []
+    for start in range(0, len(paths), batch_size):
+        pixels = processor.preprocess([decode_image(path) for path in paths[start : start + batch_size]])
+        outputs = model(pixel_values=pixels["pixel_values"].to(model.device, model.dtype))
+        dense.append(outputs.patch_embeddings.float().cpu())
+    return torch.cat(dense)
+
+
+def heldout_images(count: int, render_size: int, size: int) -> torch.Tensor:
+    """`count` held-out radiographs [N, 1, size, size], rendered (or loaded from the cache) at `render_size`."""
+    from ace_hf.evaluation.heldout import load_heldout  # the renderer only when held-out images are asked for
+
+    logger.info(f"Rendering (or loading) {count} held-out radiographs at {render_size} px.")
+    images = load_heldout(count, render_size, False, None).images
+    if size != render_size:
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    return images
+
+
+def embed_renders(model: AceModel, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Dense embeddings [N, C, h, w] of windowed renders, normalized as the evaluation suite does."""
+    from ace_hf.evaluation.heldout import encode
+
+    return encode(model, images, batch_size=batch_size)[0]
+
+
+def query_pixel(encoders: list[Encoder], size: int, query: list[float] | None) -> tuple[float, float]:
+    """The query (row, col), default the centre; GeometryError when --size or --query does not fit."""
+    for label, model, _ in encoders:
+        if size % model.config.token_stride:
+            raise GeometryError(
+                f"--size {size} is not a multiple of {label}'s token stride {model.config.token_stride}"
+            )
+    row, col = query if query is not None else ((size - 1) / 2, (size - 1) / 2)
+    if not (0 <= row <= size - 1 and 0 <= col <= size - 1):
+        raise GeometryError(f"--query {row} {col} is outside the {size} x {size} image")
+    return row, col
+
+
+def visualize(args: VisualizationArguments) -> list[Path]:
+    """Draw `pca.png` and `similarity.png` into `args.output_dir`; returns their paths (none when no image
+    was found). Raises GeometryError when --size or --query does not fit, before anything is encoded."""
+    encoders = load_encoders(args)
+    _, first_model, first_processor = encoders[0]
+
+    # Images at the inference size: files, or held-out renders at the first model's pretraining size.
+    paths: list[Path] = []
+    if args.images:
+        paths = find_images(args.images)
+        if not paths:
+            logger.error(f"No images found in {args.images} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            return []
+        size = args.size or first_processor.size["height"]
+        images = window_files(paths, size)
+        names = [path.name for path in paths]
+    else:
+        render_size = first_model.config.grid_size * first_model.config.token_stride
+        size = args.size or render_size
+        images = heldout_images(args.heldout, render_size, size)
+        names = [f"held-out {index}" for index in range(len(images))]
+    row, col = query_pixel(encoders, size, args.query)
+    logger.info(
+        f"{len(images)} image(s) at {size} x {size} px; query pixel (row {row:g}, col {col:g}) of {names[0]}."
+    )
+
+    # Per encoder: one PCA row and one similarity row.
+    plain = [to_pil(image[0]) for image in images]
+    pca_rows, pca_labels = [plain], ["input: " + ", ".join(names)]
+    similarity_rows, similarity_labels = [], []
+    for label, model, processor in tqdm(encoders, desc="Encoding", unit="model"):
+        if paths:
+            dense = embed_files(model, processor, paths, size, args.batch_size)
+        else:
+            dense = embed_renders(model, images, args.batch_size)
+        stride = model.config.token_stride
+
+        colours = pca_rgb(dense)
+        pca_rows.append([overlay(image[0], colour) for image, colour in zip(images, colours, strict=True)])
+        pca_labels.append(f"{label}: PCA of patch embeddings (same colour = same embedding)")
+
+        maps = similarity_maps(query_embedding(dense[0], row, col, stride), dense)
+        shown = list(range(1, len(images))) or [0]  # a single image: its own map
+        low, high = float(maps[shown].min()), float(maps[shown].max())
+        similarity_rows.append(
+            [mark_point(plain[0], row, col)]
+            + [overlay(images[i, 0], maps[i], value_range=(low, high)) for i in shown]
+        )
+        similarity_labels.append(f"{label}: cosine similarity to + (blue {low:.2f} .. red {high:.2f})")
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    pictures = {"pca.png": (pca_rows, pca_labels), "similarity.png": (similarity_rows, similarity_labels)}
+    written = []
+    for filename, (rows, labels) in pictures.items():
+        image_grid(rows, labels).save(args.output_dir / filename)
+        written.append(args.output_dir / filename)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw both pictures and print their paths; returns the exit status (1 when no image was found)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_arguments(VisualizationArguments, argv, description=__doc__)
+    written = run_or_exit(lambda: visualize(args), (GeometryError,))
+    for path in written:
+        print(path)
+    return 0 if written else 1
