@@ -1,10 +1,11 @@
 """Convert published ACE / DINO checkpoints into an [`AceModel`], and start pretraining from timm's weights.
 
-    python -m ace_hf.convert --checkpoint ace_swin_b.pth --output_dir ace-swin-b --model_preset ace-swin-b
+    ace-hf convert --checkpoint ace_swin_b.pth --output_dir ace-swin-b --model_preset ace-swin-b
 
 Source layouts: ViT in timm's (= DINO's) key names; Swin in Microsoft's (the official ACE code) or timm's key
 names; either bare or inside a training checkpoint (`{"teacher": {"module.backbone.<key>": ...}, ...}`).
-Training-side module: never imported by the files that travel to the Hub.
+Training-side module: never imported by the files that travel to the Hub. Its command line is
+`ace_hf.commands.convert`, so that initializing pretraining from timm does not load the export code.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .configuration_ace import ACE_PRESETS, AceConfig
-from .hub import export_pretrained
-from .image_processing_ace import AceImageProcessor
+from .configuration_ace import AceConfig
 from .modeling_ace import AceForPreTraining, AceModel
 
 logger = logging.getLogger(__name__)
@@ -349,58 +348,3 @@ def _import_timm() -> Any:
 
 def _few(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, help="ACE/DINO .pth, or a .safetensors state dict.")
-    parser.add_argument("--output_dir", required=True, help="Where to write the Hub-ready encoder folder.")
-    config = parser.add_mutually_exclusive_group()
-    config.add_argument(
-        "--model_preset", choices=sorted(ACE_PRESETS), help="Default: ace-vit-b or ace-swin-b, as detected."
-    )
-    config.add_argument("--config", help="An AceConfig config.json (or its folder).")
-    parser.add_argument("--key", default="auto", choices=("auto", *CHECKPOINT_KEYS), help="Checkpoint entry.")
-    parser.add_argument(
-        "--unsafe_load", action="store_true", help="Allow arbitrary pickled objects (trusted files)."
-    )
-    parser.add_argument("--model_id", help="Hub id ('org/name') the model card's snippets load.")
-    return parser.parse_args(argv)
-
-
-def _config_for(args: argparse.Namespace, state_dict: Mapping[str, torch.Tensor]) -> AceConfig:
-    """--config, else --model_preset, else the B-size preset of the detected backbone."""
-    if args.config:
-        return AceConfig.from_pretrained(args.config)
-    preset = args.model_preset or f"ace-{detect_backbone(state_dict)}-b"
-    logger.info(f"Using the {preset!r} preset")
-    return AceConfig.from_preset(preset)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
-    logger.info(f"Reading {args.checkpoint}")
-    state_dict = encoder_state_dict(load_checkpoint(args.checkpoint, args.unsafe_load), args.key)
-    config = _config_for(args, state_dict)
-    logger.info(f"Converting {len(state_dict)} tensors into a {config.backbone_type} AceModel")
-    encoder = ace_model_from_timm_state_dict(state_dict, config)
-    output_dir = export_pretrained(
-        encoder, AceImageProcessor.from_ace_config(encoder.config), args.output_dir, model_id=args.model_id
-    )
-    logger.info(f"Wrote the encoder and its image processor to {output_dir}")
-    return output_dir
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None

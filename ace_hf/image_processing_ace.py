@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -53,53 +54,155 @@ PAD_VALUE = 0.0
 # resize_mode="resize" warns when the image's aspect ratio is off the target's by more than this fraction.
 SQUASH_TOLERANCE = 0.05
 
-# Settings used only by `sample_views` (ACE pretraining), with their defaults; saved under "pretraining".
-PRETRAINING_DEFAULTS: dict[str, Any] = {
-    "grid_size": 32,
-    "cell_size": 32,
-    "view_tokens": 14,
-    "min_overlap": 0.5,
-    "jitter_scale": (0.85, 1.0),
-    "jitter_ratio": (3 / 4, 4 / 3),
-    "brightness_contrast_prob": 0.5,
-    "blur_prob": 0.5,
-    "sharpen_prob": 0.3,
-    "local_contrast_prob": 0.3,
-    "brightness": 0.4,
-    "contrast": 0.4,
-    "blur_sigma": (0.1, 2.0),
-    "sharpness": (1.5, 3.0),
-    "local_contrast_tiles": 8,
-    "local_contrast_clip": 2.0,
-}
-PAIR_SETTINGS = ("jitter_scale", "jitter_ratio", "blur_sigma", "sharpness")
+# A pretraining setting's rule: why `value` cannot produce views, or None when it can.
+SettingCheck = Callable[[Any], "str | None"]
+
+
+def positive_integer(value: Any) -> str | None:
+    return None if isinstance(value, int) and value > 0 else "must be a positive integer"
+
+
+def probability(value: Any) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
+
+
+def strength(value: Any) -> str | None:
+    """A brightness or contrast strength: factors are drawn in [1 - value, 1 + value], so it stays below 1."""
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def clip_limit(value: Any) -> str | None:
+    return None if value >= 1.0 else "must be at least 1 (in units of the uniform bin count)"
+
+
+def ordered_pair(low: float, high: float) -> SettingCheck:
+    """The rule of a (low, high) range setting whose ends lie in (`low`, `high`]."""
+
+    def check(value: Any) -> str | None:
+        if len(value) == 2 and low < value[0] <= value[1] <= high:
+            return None
+        return f"must be a (low, high) pair with {low} < low <= high <= {high}"
+
+    return check
+
+
+def setting(default: Any, description: str, check: SettingCheck | None = None) -> Any:
+    """A field of `PretrainingSettings`: its default, what it means, its rule (None: checked with the geometry)."""
+    return field(default=default, metadata={"help": description, "check": check})
+
+
+def view_geometry(config: AceConfig) -> dict[str, Any]:
+    """The view geometry an AceConfig sets, in the processor's terms: a cell is a token (`token_stride` px)."""
+    return {
+        "grid_size": config.grid_size,
+        "cell_size": config.token_stride,
+        "view_tokens": config.view_tokens,
+        "min_overlap": config.min_overlap,
+    }
+
+
+# The view geometry of a processor built without a config: the default AceConfig's (ACE-B), not a copy of it.
+DEFAULT_VIEW_GEOMETRY = view_geometry(AceConfig())
+
+
+@dataclass(frozen=True)
+class PretrainingSettings:
+    """The settings `sample_views` (ACE pretraining) reads: view geometry and augmentation, declared once.
+
+    `AceImageProcessor` takes them as keywords, flat or nested as `pretraining={...}` (how
+    preprocessor_config.json saves them), validates them by building this, and keeps them as its attributes.
+    Range settings are (low, high) tuples (JSON's lists are turned back into them).
+    """
+
+    grid_size: int = setting(
+        DEFAULT_VIEW_GEOMETRY["grid_size"],
+        "Cells per side of the jittered image that the two views are cut from.",
+        positive_integer,
+    )
+    cell_size: int = setting(
+        DEFAULT_VIEW_GEOMETRY["cell_size"],
+        "Pixels per cell side (= the model's token stride); views are `view_tokens * cell_size` px.",
+        positive_integer,
+    )
+    view_tokens: int = setting(
+        DEFAULT_VIEW_GEOMETRY["view_tokens"],
+        "n, token grid side of one view; the large view covers 2n x 2n cells, the small n x n.",
+        positive_integer,
+    )
+    min_overlap: float = setting(
+        DEFAULT_VIEW_GEOMETRY["min_overlap"],
+        "Least fraction of the small view's cells that lie inside the large view.",
+    )
+    jitter_scale: tuple[float, float] = setting(
+        (0.85, 1.0), "Area fraction range of the random-resized-crop jitter.", ordered_pair(0.0, 1.0)
+    )
+    jitter_ratio: tuple[float, float] = setting(
+        (3 / 4, 4 / 3), "Aspect ratio range of the random-resized-crop jitter.", ordered_pair(0.0, math.inf)
+    )
+    brightness_contrast_prob: float = setting(
+        0.5, "Per-view probability of the brightness and contrast change.", probability
+    )
+    blur_prob: float = setting(0.5, "Per-view probability of the Gaussian blur.", probability)
+    sharpen_prob: float = setting(0.3, "Per-view probability of sharpening.", probability)
+    local_contrast_prob: float = setting(
+        0.3, "Per-view probability of the local contrast equalization.", probability
+    )
+    brightness: float = setting(
+        0.4, "Brightness factors are drawn uniformly in [1 - value, 1 + value].", strength
+    )
+    contrast: float = setting(
+        0.4, "Contrast factors are drawn uniformly in [1 - value, 1 + value].", strength
+    )
+    blur_sigma: tuple[float, float] = setting(
+        (0.1, 2.0), "Range of the Gaussian blur sigma in view pixels.", ordered_pair(0.0, math.inf)
+    )
+    sharpness: tuple[float, float] = setting(
+        (1.5, 3.0),
+        "Range of the `adjust_sharpness` factor (1 = unchanged, 2 = sharpened).",
+        ordered_pair(0.0, math.inf),
+    )
+    local_contrast_tiles: int = setting(
+        8, "Tiles per side of the local contrast equalization (`equalize_local_contrast`).", positive_integer
+    )
+    local_contrast_clip: float = setting(
+        2.0, "Clip limit of the local contrast equalization (`equalize_local_contrast`).", clip_limit
+    )
+
+    def __post_init__(self) -> None:
+        """Range settings as tuples; a ValueError naming the setting when it cannot produce views."""
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"AceImageProcessor.{name}={getattr(self, name)!r}: {why}")
+
+        for spec in fields(self):
+            if isinstance(spec.default, tuple):
+                object.__setattr__(self, spec.name, tuple(getattr(self, spec.name)))
+        for spec in fields(self):
+            why = spec.metadata["check"] and spec.metadata["check"](getattr(self, spec.name))
+            if why:
+                fail(spec.name, why)
+        for name, why in view_geometry_problems(self.grid_size, self.view_tokens, self.min_overlap):
+            fail(name, why)
+
+
+PRETRAINING_SETTING_NAMES = tuple(spec.name for spec in fields(PretrainingSettings))
 PRETRAINING_ABOUT = (
     "Used only by sample_views (ACE pretraining): view geometry and augmentation. Inference (__call__ / "
     "preprocess) applies no augmentation: it windows, fits the image to `size` by `resize_mode`, normalizes."
 )
 
-
-class AceImageProcessorKwargs(ImagesKwargs, total=False):
-    """Keys that `from_pretrained(..., key=value)` routes through `__init__` (the base class only knows ImagesKwargs)."""
-
-    num_channels: int
-    resize_mode: str
-    grid_size: int
-    cell_size: int
-    view_tokens: int
-    min_overlap: float
-    jitter_scale: Sequence[float]
-    jitter_ratio: Sequence[float]
-    brightness_contrast_prob: float
-    blur_prob: float
-    sharpen_prob: float
-    local_contrast_prob: float
-    brightness: float
-    contrast: float
-    blur_sigma: Sequence[float]
-    sharpness: Sequence[float]
-    local_contrast_tiles: int
-    local_contrast_clip: float
+# What `from_pretrained(..., key=value)` routes through `__init__`: transformers reads only the keys of
+# `valid_kwargs`, and its ImagesKwargs knows only the generic ones (size, image_mean, image_std, ...).
+AceImageProcessorKwargs = TypedDict(
+    "AceImageProcessorKwargs",
+    {
+        **ImagesKwargs.__annotations__,
+        "num_channels": int,
+        "resize_mode": str,
+        **{spec.name: spec.type for spec in fields(PretrainingSettings)},
+    },
+    total=False,
+)
 
 
 def random_resized_crop_box(
@@ -393,20 +496,10 @@ class AceImageProcessor(BaseImageProcessor):
         num_channels: channels of the output (1 or 3); grayscale is repeated, RGB goes to luminance.
         image_mean, image_std: normalization, a scalar or one value per channel (ChestX-ray14 statistics).
 
-    Pretraining settings (used only by `sample_views`; saved under "pretraining" in preprocessor_config.json,
-    given flat here or nested as `pretraining={...}`, flat winning; left out = PRETRAINING_DEFAULTS):
-        grid_size: cells per side of the jittered image that the two views are cut from.
-        cell_size: pixels per cell side (= the model's token stride); views are `view_tokens * cell_size` px.
-        view_tokens: n, token grid side of one view; the large view covers 2n x 2n cells, the small n x n.
-        min_overlap: least fraction of the small view's cells that lie inside the large view.
-        jitter_scale, jitter_ratio: area fraction and aspect ratio range of the random-resized-crop jitter.
-        brightness_contrast_prob, blur_prob, sharpen_prob, local_contrast_prob: per-view probabilities of
-            the photometric augmentations.
-        brightness, contrast: factors are drawn uniformly in [1 - value, 1 + value].
-        blur_sigma: range of the Gaussian blur sigma in view pixels.
-        sharpness: range of the `adjust_sharpness` factor (1 = unchanged, 2 = sharpened).
-        local_contrast_tiles, local_contrast_clip: tiles per side and clip limit of the CLAHE-like
-            equalization (see `equalize_local_contrast`).
+    Pretraining settings (used only by `sample_views`): the fields of `PretrainingSettings`, given flat here
+    or nested as `pretraining={...}` (flat winning; left out = its defaults) and saved under "pretraining" in
+    preprocessor_config.json. Their view geometry (grid_size, cell_size, view_tokens, min_overlap) is an
+    AceConfig's: `from_ace_config` takes a config's, and the defaults are the default AceConfig's.
     """
 
     model_input_names = ["pixel_values"]
@@ -419,32 +512,16 @@ class AceImageProcessor(BaseImageProcessor):
         num_channels: int = 3,
         image_mean: float | Sequence[float] = 0.5056,
         image_std: float | Sequence[float] = 0.252,
-        grid_size: int | None = None,
-        cell_size: int | None = None,
-        view_tokens: int | None = None,
-        min_overlap: float | None = None,
-        jitter_scale: Sequence[float] | None = None,
-        jitter_ratio: Sequence[float] | None = None,
-        brightness_contrast_prob: float | None = None,
-        blur_prob: float | None = None,
-        sharpen_prob: float | None = None,
-        local_contrast_prob: float | None = None,
-        brightness: float | None = None,
-        contrast: float | None = None,
-        blur_sigma: Sequence[float] | None = None,
-        sharpness: Sequence[float] | None = None,
-        local_contrast_tiles: int | None = None,
-        local_contrast_clip: float | None = None,
         pretraining: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        # The pretraining keywords given here (None = not given), read before any other local exists.
-        flat = {
-            key: value for key, value in locals().items() if key in PRETRAINING_DEFAULTS and value is not None
-        }
+        # The pretraining settings given flat (None = not given); the other keywords are transformers' own.
+        flat = {name: kwargs.pop(name) for name in PRETRAINING_SETTING_NAMES if name in kwargs}
         super().__init__(**kwargs)
-        for key, value in {**PRETRAINING_DEFAULTS, **self._saved_pretraining(pretraining), **flat}.items():
-            setattr(self, key, tuple(value) if key in PAIR_SETTINGS else value)
+        given = {name: value for name, value in flat.items() if value is not None}
+        settings = PretrainingSettings(**{**self._saved_pretraining(pretraining), **given})
+        for name in PRETRAINING_SETTING_NAMES:
+            setattr(self, name, getattr(settings, name))
         self.size = size if size is not None else self.view_tokens * self.cell_size
         self.resize_mode = resize_mode
         self.num_channels = num_channels
@@ -459,60 +536,36 @@ class AceImageProcessor(BaseImageProcessor):
     def _saved_pretraining(pretraining: dict[str, Any] | None) -> dict[str, Any]:
         """The nested "pretraining" settings of a saved config, without its "about" note; unknown keys raise."""
         settings = {key: value for key, value in (pretraining or {}).items() if key != "about"}
-        unknown = sorted(set(settings) - set(PRETRAINING_DEFAULTS))
+        unknown = sorted(set(settings) - set(PRETRAINING_SETTING_NAMES))
         if unknown:
             raise ValueError(f"AceImageProcessor.pretraining: unknown setting(s) {', '.join(unknown)}")
         return settings
 
     def _validate(self) -> None:
-        """Raise a ValueError naming the field when the settings cannot produce model inputs or views."""
+        """Raise a ValueError naming the field when the inference settings cannot produce model inputs (the
+        pretraining ones are checked by `PretrainingSettings`)."""
 
-        def fail(field: str, why: str) -> None:
-            raise ValueError(f"AceImageProcessor.{field}={getattr(self, field)!r}: {why}")
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"AceImageProcessor.{name}={getattr(self, name)!r}: {why}")
 
         if self.num_channels not in (1, 3):
             fail("num_channels", "must be 1 or 3")
-        for field in ("grid_size", "cell_size", "view_tokens", "local_contrast_tiles"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-                fail(field, "must be a positive integer")
         self.size = checked_size(self.size, self.cell_size)
         checked_resize_mode(self.resize_mode)
-        for field, why in view_geometry_problems(self.grid_size, self.view_tokens, self.min_overlap):
-            fail(field, why)
-        for field in ("image_mean", "image_std"):
-            value = getattr(self, field)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
             if isinstance(value, list) and len(value) != self.num_channels:
-                fail(field, f"needs one value or one per channel (num_channels={self.num_channels})")
+                fail(name, f"needs one value or one per channel (num_channels={self.num_channels})")
         if min(np.atleast_1d(self.image_std)) <= 0:
             fail("image_std", "must be positive")
-        for field in ("brightness_contrast_prob", "blur_prob", "sharpen_prob", "local_contrast_prob"):
-            if not 0.0 <= getattr(self, field) <= 1.0:
-                fail(field, "must be in [0, 1]")
-        for field, low, high in (
-            ("jitter_scale", 0.0, 1.0),
-            ("jitter_ratio", 0.0, math.inf),
-            ("blur_sigma", 0.0, math.inf),
-            ("sharpness", 0.0, math.inf),
-        ):
-            value = getattr(self, field)
-            if len(value) != 2 or not low < value[0] <= value[1] <= high:
-                fail(field, f"must be a (low, high) pair with {low} < low <= high <= {high}")
-        for field in ("brightness", "contrast"):
-            if not 0.0 <= getattr(self, field) < 1.0:
-                fail(field, "must be in [0, 1)")
-        if self.local_contrast_clip < 1.0:
-            fail("local_contrast_clip", "must be at least 1 (in units of the uniform bin count)")
 
     @classmethod
     def from_ace_config(cls, config: AceConfig, **overrides: Any) -> AceImageProcessor:
-        """Build the processor matching an AceConfig's cell grid and channels; inference size = the view side."""
+        """The processor with an AceConfig's view geometry and channels; inference size = the view side."""
         settings = {
             "size": {"height": config.image_size, "width": config.image_size},
             "num_channels": config.num_channels,
-            "grid_size": config.grid_size,
-            "cell_size": config.token_stride,
-            "view_tokens": config.view_tokens,
-            "min_overlap": config.min_overlap,
+            **view_geometry(config),
         }
         return cls(**{**settings, **overrides})
 
@@ -520,7 +573,7 @@ class AceImageProcessor(BaseImageProcessor):
         """Inference settings at the top level, pretraining ones nested under "pretraining" with a note."""
         output = super().to_dict()
         output.pop("_warned_squash", None)
-        pretraining = {key: output.pop(key) for key in PRETRAINING_DEFAULTS}
+        pretraining = {name: output.pop(name) for name in PRETRAINING_SETTING_NAMES}
         output["pretraining"] = {"about": PRETRAINING_ABOUT, **pretraining}
         return output
 
@@ -874,8 +927,10 @@ class AceImageProcessor(BaseImageProcessor):
 
 __all__ = [
     "PAD_VALUE",
+    "PRETRAINING_SETTING_NAMES",
     "RESIZERS",
     "AceImageProcessor",
+    "PretrainingSettings",
     "batched_adjust_brightness",
     "batched_adjust_contrast",
     "batched_adjust_sharpness",
@@ -888,6 +943,7 @@ __all__ = [
     "resize_and_pad",
     "resize_bicubic",
     "resize_unit",
+    "view_geometry",
 ]
 
 

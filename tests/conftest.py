@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -14,16 +11,6 @@ import torch
 from ace_hf import AceConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    """Import examples/<name>.py (the examples are scripts, not a package), registered in sys.modules so that
-    its dataclasses and pickles find it."""
-    spec = importlib.util.spec_from_file_location(f"ace_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY_HEADS = {"dino_hidden_dim": 32, "dino_bottleneck_dim": 16, "dino_out_dim": 64}

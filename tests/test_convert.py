@@ -1,5 +1,5 @@
 """ace_hf.convert on checkpoints written here: ACE/DINO ViT and Microsoft/timm Swin to AceModel, the pickle guard,
-key errors, and examples/pretrain.py --init_from_timm."""
+key errors, the `ace-hf convert` command, and pretraining's --init_from_timm."""
 
 from __future__ import annotations
 
@@ -13,16 +13,24 @@ import torch
 from safetensors.torch import save_file
 
 from ace_hf import AceModel
+from ace_hf.arguments import parse_arguments
+from ace_hf.commands.convert import ConversionArguments, convert, main
 from ace_hf.convert import (
     ace_model_from_timm_state_dict,
     convert_timm_vit_state_dict,
     encoder_state_dict,
     init_from_timm,
-    main,
 )
-from tests.conftest import load_example, tiny_swin_config, tiny_vit_config
+from ace_hf.pretraining import PretrainingArguments
+from ace_hf.pretraining.loop import build_config, build_model
+from tests.conftest import tiny_swin_config, tiny_vit_config
 
 timm = pytest.importorskip("timm")
+
+
+def _convert(argv: list[str]) -> Path:
+    """`ace-hf convert ARGV`, with the library's exceptions (the command turns them into one error line)."""
+    return convert(parse_arguments(ConversionArguments, argv))
 
 
 class Opaque:
@@ -142,6 +150,8 @@ def test_pickled_objects_are_refused_unless_unsafe_load(tmp_path, caplog) -> Non
     config = _config_dir(tmp_path, tiny_vit_config())
     argv = ["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--config", str(config)]
     with pytest.raises(ValueError, match=r"Opaque.*--unsafe_load"):
+        _convert(argv)
+    with pytest.raises(SystemExit, match=r"^error: .*Opaque.*--unsafe_load"):
         main(argv)
     with caplog.at_level(logging.WARNING, logger="ace_hf.convert"):
         main([*argv, "--unsafe_load"])
@@ -157,7 +167,7 @@ def test_missing_unexpected_and_wrong_backbone_weights_are_named(tmp_path) -> No
     save_file(weights, checkpoint)
     config = _config_dir(tmp_path, tiny_vit_config())
     with pytest.raises(ValueError, match=r"encoder\.layer\.1\.norm1\.weight.*blocks\.0\.ls1\.gamma"):
-        main(
+        _convert(
             ["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--config", str(config)]
         )
     with pytest.raises(ValueError, match="weights are a vit but the model is a swin"):
@@ -166,13 +176,14 @@ def test_missing_unexpected_and_wrong_backbone_weights_are_named(tmp_path) -> No
 
 def test_init_from_timm_loads_imagenet_weights_into_student_and_teacher(tmp_path, one_thread) -> None:
     """A 16 px timm ViT (2 x 2 grid) starts a 32 px ACE model: its position embeddings are resampled."""
-    pretrain = load_example("pretrain")
     weights = _timm_vit(img_size=16).state_dict()
     save_file(weights, tmp_path / "vit.safetensors")
     config = _config_dir(tmp_path, tiny_vit_config())
     argv = ["--config_name", str(config), "--output_dir", str(tmp_path / "out")]
-    args = pretrain.parse_args([*argv, "--init_from_timm", str(tmp_path / "vit.safetensors")])
-    model = pretrain.build_model(args, pretrain.build_config(args))
+    args = parse_arguments(
+        PretrainingArguments, [*argv, "--init_from_timm", str(tmp_path / "vit.safetensors")]
+    )
+    model = build_model(args, build_config(args))
 
     expected = convert_timm_vit_state_dict(weights)
     expected["embeddings.position_embeddings"] = timm.layers.resample_abs_pos_embed(
@@ -186,7 +197,9 @@ def test_init_from_timm_loads_imagenet_weights_into_student_and_teacher(tmp_path
         assert torch.equal(value, student[name]), name
 
     with pytest.raises(SystemExit):
-        pretrain.parse_args([*argv, "--init_from_timm", "x.pth", "--model_name_or_path", "y"])
+        parse_arguments(
+            PretrainingArguments, [*argv, "--init_from_timm", "x.pth", "--model_name_or_path", "y"]
+        )
 
 
 def test_init_from_timm_refuses_another_patch_size_and_missing_files(tmp_path) -> None:

@@ -18,8 +18,8 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
 from ace_hf import AceConfig, AceImageProcessor, AceModel
+from ace_hf.arguments import parse_arguments
 from ace_hf.finetuning import FinetuningArguments, finetune, main
-from ace_hf.finetuning.cli import parse_arguments
 from ace_hf.finetuning.data import few_shot_indices
 from ace_hf.finetuning.metrics import improved
 from tests.conftest import EXAMPLES
@@ -295,7 +295,8 @@ def test_contradictory_options_are_refused_before_any_data_is_read(capsys) -> No
 
 def test_options_come_from_flags_or_from_one_json_or_yaml_file(tmp_path) -> None:
     flags = parse_arguments(
-        ["--model_name_or_path", "encoder", "--train_dir", "data", "--multi_label", "--label_columns", "a,b"]
+        FinetuningArguments,
+        ["--model_name_or_path", "encoder", "--train_dir", "data", "--multi_label", "--label_columns", "a,b"],
     )
     assert flags.multi_label and flags.task_kind == "multi_label" and flags.best_metric == "roc_auc"
     assert flags.ignore_index == 255 and flags.num_train_epochs == 10  # the defaults
@@ -303,5 +304,5 @@ def test_options_come_from_flags_or_from_one_json_or_yaml_file(tmp_path) -> None
     (tmp_path / "options.json").write_text(json.dumps(options))
     (tmp_path / "options.yaml").write_text("".join(f"{key}: {value}\n" for key, value in options.items()))
     for path in (tmp_path / "options.json", tmp_path / "options.yaml"):
-        parsed = parse_arguments([str(path)])
+        parsed = parse_arguments(FinetuningArguments, [str(path)])
         assert parsed == FinetuningArguments(**options) and parsed.best_metric == "mean_iou"

@@ -18,7 +18,13 @@ from transformers import AutoImageProcessor, pipeline
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 from ace_hf import AceConfig, AceImageProcessor, AceModel
-from ace_hf.image_processing_ace import LUMA_WEIGHTS, PAD_VALUE, PRETRAINING_DEFAULTS
+from ace_hf.image_processing_ace import (
+    LUMA_WEIGHTS,
+    PAD_VALUE,
+    PRETRAINING_SETTING_NAMES,
+    PretrainingSettings,
+    view_geometry,
+)
 
 SIDE = 16  # model input side of the tiny processor: view_tokens 4 x cell_size 4
 TINY = {"size": SIDE, "cell_size": 4, "view_tokens": 4, "grid_size": 10}
@@ -206,6 +212,31 @@ def test_from_ace_config() -> None:
     assert (swin.cell_size, swin.view_tokens, swin.size["height"]) == (32, 14, 448)
 
 
+def test_view_geometry_defaults_are_the_default_ace_config() -> None:
+    processor, config = AceImageProcessor(), AceConfig()
+    assert {name: getattr(processor, name) for name in view_geometry(config)} == view_geometry(config)
+    assert (processor.cell_size, processor.size["height"]) == (config.token_stride, config.image_size)
+    assert processor.to_dict() == AceImageProcessor.from_ace_config(config).to_dict()
+
+
+def test_every_setting_routes_through_from_pretrained(tmp_path: Path) -> None:
+    """transformers passes `from_pretrained(..., key=value)` to __init__ only for the keys of `valid_kwargs`."""
+    routed = set(AceImageProcessor.valid_kwargs.__annotations__)
+    assert {
+        *PRETRAINING_SETTING_NAMES,
+        "size",
+        "resize_mode",
+        "num_channels",
+        "image_mean",
+        "image_std",
+    } <= routed
+    tiny().save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, blur_sigma=[0.2, 0.4], local_contrast_tiles=2)
+    assert (loaded.blur_sigma, loaded.local_contrast_tiles) == ((0.2, 0.4), 2)
+    with pytest.raises(ValueError, match=r"AceImageProcessor\.sharpen_prob="):
+        AutoImageProcessor.from_pretrained(tmp_path, sharpen_prob=2.0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -226,6 +257,12 @@ def test_from_ace_config() -> None:
         ({"jitter_ratio": (0.0, 1.0)}, "jitter_ratio"),
         ({"brightness": 1.0}, "brightness"),
         ({"local_contrast_clip": 0.5}, "local_contrast_clip"),
+        ({"local_contrast_tiles": 0}, "local_contrast_tiles"),
+        ({"sharpen_prob": -0.1}, "sharpen_prob"),
+        ({"contrast": -0.1}, "contrast"),
+        ({"blur_sigma": (1.0,)}, "blur_sigma"),
+        ({"sharpness": [0.0, 2.0]}, "sharpness"),
+        ({"pretraining": {"blur_prob": 2.0}}, "blur_prob"),
     ],
 )
 def test_validation_names_the_field(overrides: dict, field: str) -> None:
@@ -422,9 +459,9 @@ def test_saved_json_keeps_pretraining_apart(tmp_path: Path) -> None:
     tiny(resize_mode="pad", blur_prob=0.1).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert {"size", "resize_mode", "num_channels", "image_mean", "image_std", "pretraining"} <= set(saved)
-    assert not set(saved) & set(PRETRAINING_DEFAULTS)
+    assert not set(saved) & set(PRETRAINING_SETTING_NAMES)
     pretraining = saved["pretraining"]
-    assert set(pretraining) == {"about", *PRETRAINING_DEFAULTS}
+    assert set(pretraining) == {"about", *PRETRAINING_SETTING_NAMES}
     assert "no augmentation" in pretraining["about"]
     assert (pretraining["blur_prob"], pretraining["view_tokens"], saved["resize_mode"]) == (0.1, 4, "pad")
 
@@ -453,7 +490,7 @@ def test_old_flat_export_still_loads(tmp_path: Path) -> None:
     )
     assert (loaded.grid_size, loaded.cell_size, loaded.view_tokens, loaded.min_overlap) == (13, 6, 4, 0.25)
     assert (loaded.jitter_scale, loaded.blur_sigma, loaded.brightness) == ((0.5, 0.9), (0.5, 1.0), 0.2)
-    assert loaded.contrast == PRETRAINING_DEFAULTS["contrast"]
+    assert loaded.contrast == PretrainingSettings().contrast
     assert AceImageProcessor.from_pretrained(tmp_path, size=48).size == {"height": 48, "width": 48}
     assert loaded.to_dict()["pretraining"]["grid_size"] == 13
 
@@ -465,3 +502,64 @@ def test_flat_pretraining_settings_win_over_nested_ones() -> None:
     assert AceImageProcessor(pretraining=nested, cell_size=4, view_tokens=4).grid_size == 12
     with pytest.raises(ValueError, match=r"AceImageProcessor\.pretraining: unknown setting\(s\) blur"):
         tiny(pretraining={"blur": 0.5})
+
+
+# preprocessor_config.json as AceImageProcessor.from_ace_config(AceConfig.from_preset("ace-vit-tiny"), **SAVED_OVERRIDES)
+# saved it when the settings were declared three times (before PretrainingSettings): it must load unchanged.
+SAVED_OVERRIDES = {
+    "jitter_scale": (0.5, 0.9),
+    "blur_prob": 0.2,
+    "sharpness": (1.2, 1.4),
+    "local_contrast_tiles": 3,
+    "resize_mode": "pad",
+    "image_mean": [0.4, 0.4, 0.4],
+}
+SAVED_JSON = {
+    "auto_map": {"AutoImageProcessor": "image_processing_ace.AceImageProcessor"},
+    "image_mean": [0.4, 0.4, 0.4],
+    "image_processor_type": "AceImageProcessor",
+    "image_std": 0.252,
+    "num_channels": 3,
+    "pretraining": {
+        "about": (
+            "Used only by sample_views (ACE pretraining): view geometry and augmentation. Inference (__call__ / "
+            "preprocess) applies no augmentation: it windows, fits the image to `size` by `resize_mode`, normalizes."
+        ),
+        "blur_prob": 0.2,
+        "blur_sigma": [0.1, 2.0],
+        "brightness": 0.4,
+        "brightness_contrast_prob": 0.5,
+        "cell_size": 16,
+        "contrast": 0.4,
+        "grid_size": 20,
+        "jitter_ratio": [0.75, 1.3333333333333333],
+        "jitter_scale": [0.5, 0.9],
+        "local_contrast_clip": 2.0,
+        "local_contrast_prob": 0.3,
+        "local_contrast_tiles": 3,
+        "min_overlap": 0.5,
+        "sharpen_prob": 0.3,
+        "sharpness": [1.2, 1.4],
+        "view_tokens": 6,
+    },
+    "resize_mode": "pad",
+    "size": {"height": 96, "width": 96},
+}
+
+
+def test_saved_nested_json_loads_with_the_same_settings(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(SAVED_JSON))
+    loaded = AceImageProcessor.from_pretrained(tmp_path)
+    built = AceImageProcessor.from_ace_config(AceConfig.from_preset("ace-vit-tiny"), **SAVED_OVERRIDES)
+    saved_settings = {key: value for key, value in SAVED_JSON["pretraining"].items() if key != "about"}
+    assert {name: getattr(loaded, name) for name in PRETRAINING_SETTING_NAMES} == {
+        name: tuple(value) if isinstance(value, list) else value for name, value in saved_settings.items()
+    }
+    assert (loaded.size, loaded.resize_mode, loaded.image_mean) == (
+        {"height": 96, "width": 96},
+        "pad",
+        [0.4, 0.4, 0.4],
+    )
+    for processor, folder in ((loaded, "resaved"), (built, "built")):
+        processor.save_pretrained(tmp_path / folder)
+        assert json.loads((tmp_path / folder / "preprocessor_config.json").read_text()) == SAVED_JSON, folder

@@ -15,18 +15,16 @@ Training-side module: never imported by the files that travel to the Hub.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import HfArgumentParser
 
+from ..arguments import parse_arguments
 from ..modeling_ace import AceModel
 from .config import EvaluationConfig
 from .report import results_markdown
@@ -123,20 +121,7 @@ def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvaluationArguments, EvaluationConfig]:
     """Arguments from the command line, or from a single .json/.yaml file given as the only argument."""
-    parser = HfArgumentParser(
-        (EvaluationArguments, EvaluationConfig),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            return parser.parse_yaml_file(argv[0])
-        return parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:  # from __post_init__: one usage line, as for any other bad argument
-        parser.error(str(error))
+    return parse_arguments((EvaluationArguments, EvaluationConfig), argv, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:

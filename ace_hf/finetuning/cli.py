@@ -19,40 +19,16 @@ to `--output_dir`.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from typing import Any
 
-from transformers import HfArgumentParser
-
+from ..arguments import parse_arguments
 from .arguments import FinetuningArguments
 from .loop import finetune
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, and the description's example commands kept as written."""
-
-
-def parse_arguments(argv: list[str] | None = None) -> FinetuningArguments:
-    """Options from the command line, or from a .json/.yaml file given as the only argument; a contradictory
-    combination exits with argparse's usage and `error: ...` (exit code 2), as a wrong flag does."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(FinetuningArguments, description=__doc__, formatter_class=HelpFormatter)
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            (args,) = parser.parse_json_file(argv[0])
-        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            (args,) = parser.parse_yaml_file(argv[0])
-        else:
-            (args,) = parser.parse_args_into_dataclasses(argv)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command-line entry: parse the options and run `finetune`."""
-    args = parse_arguments(argv)
+    args = parse_arguments(FinetuningArguments, argv, description=__doc__)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     return finetune(args)

@@ -9,7 +9,6 @@ and temperature) is indexed by optimizer step, so a resumed run continues exactl
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from .. import __version__
 from ..configuration_ace import AceConfig
 from ..convert import init_from_timm
 from ..hub import export_pretrained, pretraining_model_from_export, push_to_hub
-from ..image_processing_ace import AceImageProcessor
+from ..image_processing_ace import PRETRAINING_SETTING_NAMES, AceImageProcessor
 from ..modeling_ace import AceForPreTraining
 from ..optimization import (
     AceSchedules,
@@ -150,7 +149,7 @@ def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
                 f"--augmentation_overrides: {item!r} is not key=number or key=low:high"
             ) from None
         overrides[key.strip()] = numbers[0] if len(numbers) == 1 else numbers
-    unknown = sorted(set(overrides) - set(inspect.signature(AceImageProcessor).parameters) - {"kwargs"})
+    unknown = sorted(set(overrides) - set(PRETRAINING_SETTING_NAMES))
     if unknown:
         raise ValueError(f"--augmentation_overrides: AceImageProcessor has no field(s) {', '.join(unknown)}")
     return overrides
