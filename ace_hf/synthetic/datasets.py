@@ -58,7 +58,7 @@ def dataset_info(dataset: datasets.Dataset) -> dict[str, Any]:
     return json.loads(dataset.info.description)
 
 
-def _image_generator(seed: int, index: int) -> torch.Generator:
+def image_generator(seed: int, index: int) -> torch.Generator:
     """Each image has its own random stream, so image i has the same pose and exposure at every size."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
@@ -68,7 +68,7 @@ def _render_rows(num_images: int, image_size: int, seed: int, with_anatomy: bool
     ct = load_chest_ct(downsample=2 if image_size <= 512 else 1)
     anatomy = ct.group_labels() if with_anatomy else None
     for index in tqdm(range(num_images), desc="Rendering chest radiographs", unit="image"):
-        generator = _image_generator(seed, index)
+        generator = image_generator(seed, index)
         params = sample_render_params(generator)
         image, labels = render_drr(
             ct.attenuation, ct.spacing, size=image_size, generator=generator, anatomy=anatomy, **params
@@ -89,7 +89,7 @@ def _heldout_rows(
     _, landmarks_mm = ct.centroids_mm()
     desc = "Rendering held-out radiographs" + (" with findings" if with_findings else "")
     for index in tqdm(range(num_images), desc=desc, unit="image"):
-        generator = _image_generator(seed, index)
+        generator = image_generator(seed, index)
         params = sample_render_params(generator, HELDOUT_POSES)
         present = sample_findings(generator) if with_findings else []
         volume = insert_findings(ct, present, generator) if present else ct.attenuation
