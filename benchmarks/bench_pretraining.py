@@ -6,8 +6,9 @@
 
 (run from the repository root). For each preset, on synthetic inputs of the preset's shapes:
 
-1. one full pretraining step (forward on both views, backward, gradient clipping and AdamW with the
-   project's parameter groups, teacher EMA), against its ideal: the bare student encoder's forward and
+1. one full pretraining step, the pretraining loop's own (`training_step`: the preset's schedules, forward on
+   both views, backward, gradient clipping, AdamW with the project's parameter groups; then the teacher EMA),
+   half-way through the preset's recipe, against its ideal: the bare student encoder's forward and
    backward on the [large; small] batch plus the teacher encoder's no-grad forward. Their ratio is what ACE's
    heads, losses, optimizer and EMA cost on top of the encoders;
 2. the step's FLOPs (torch's FlopCounterMode) over its time, and over a matmul peak measured here (MFU);
@@ -57,9 +58,10 @@ from transformers import PreTrainedModel, SwinModel, ViTConfig, ViTModel
 
 from ace_hf import AceConfig, AceForPreTraining, AceImageProcessor, AceModel
 from ace_hf.correspondence_ace import correspondence_targets, sample_view_origins
-from ace_hf.modeling_ace import _swin_config
-from ace_hf.optimization import make_optimizer
+from ace_hf.optimization import AceSchedules, make_optimizer
 from ace_hf.pretraining.data import ImageBatchCollator, ViewPairCollator, cut_batch_views
+from ace_hf.pretraining.loop import training_step
+from ace_hf.pretraining.recipe import PretrainingRecipe
 from benchmarks.bench_correspondence import median_seconds
 
 try:
@@ -69,8 +71,9 @@ except ImportError:  # timm is a dev extra: its columns then read n/a
 
 # View pairs per step on CUDA: ACE-B sizes that fit a 139 GB H200 with room to spare.
 CUDA_BATCH_SIZES = {"ace-vit-tiny": 64, "ace-vit-b": 32, "ace-swin-b": 16}
-MAX_GRAD_NORM = 0.8  # examples/pretrain.py's default
-TEACHER_MOMENTUM = 0.996
+# The schedules' resolution (a benchmark has no data set to take it from): any will do, the schedules depend
+# on the fraction of the run done, and the step's time on none of them but the last-layer freeze.
+STEPS_PER_EPOCH = 100
 GIB = 1024**3
 
 
@@ -267,15 +270,52 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
+@dataclass(frozen=True)
+class RecipeAtStep:
+    """What the pretraining loop reads from a preset's recipe at the one step the benchmark times."""
+
+    schedules: AceSchedules
+    step: int
+    max_grad_norm: float
+
+
+def steady_state(preset: str, config: AceConfig, global_batch: int) -> RecipeAtStep:
+    """The preset's recipe, resolved as the pretraining loop resolves it, half-way through its run: past the
+    warm-ups and the last-layer freeze (inside which AdamW skips the last layer, a slightly cheaper step), in
+    the steady state where a run spends most of its steps."""
+    recipe = PretrainingRecipe.resolve(preset, config)
+    total_steps = recipe.optimization.num_train_epochs * STEPS_PER_EPOCH
+    schedules = recipe.schedules(total_steps, STEPS_PER_EPOCH, global_batch)
+    return RecipeAtStep(schedules, total_steps // 2, recipe.optimization.max_grad_norm)
+
+
+class AutocastForward(nn.Module):
+    """`module` with only its forward under the benchmark's autocast, as Accelerate wraps `model.forward`; its
+    parameters are the module's, so `training_step` clips the model's gradients through it."""
+
+    def __init__(self, module: nn.Module, settings: Settings) -> None:
+        super().__init__()
+        self.module = module
+        self.settings = settings
+
+    def forward(self, **inputs: Any) -> Any:
+        with self.settings.autocast():
+            return self.module(**inputs)
+
+
 def pretraining_step(
     model: AceForPreTraining,
     forward: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     settings: Settings,
+    at: RecipeAtStep,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """(forward and backward, full step) through `forward`: the model itself or its compiled wrapper. The full
-    step is what examples/pretrain.py does per optimizer step (minus logging and the NaN check)."""
+    step is what the pretraining loop does per optimizer step: `training_step`, then the teacher EMA with the
+    scheduled momentum (minus logging and the NaN check)."""
+    autocast_forward = AutocastForward(forward, settings)
+    last_layer = list(model.student.global_head.last_layer.parameters())
 
     def forward_backward() -> None:
         with settings.autocast():
@@ -283,29 +323,37 @@ def pretraining_step(
         loss.backward()
 
     def full_step() -> None:
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(TEACHER_MOMENTUM)
+        training_step(
+            autocast_forward,
+            optimizer,
+            at.schedules,
+            at.step,
+            batch,
+            backward=lambda loss: loss.backward(),
+            clip_grad_norm=torch.nn.utils.clip_grad_norm_,
+            max_grad_norm=at.max_grad_norm,
+            last_layer=last_layer,
+        )
+        model.update_teacher(at.schedules.teacher_momentum_at(at.step))
 
     return forward_backward, full_step
 
 
 def benchmark_training(
-    config: AceConfig, batch_size: int, settings: Settings, peak_flops_per_s: float
+    preset: str, config: AceConfig, batch_size: int, settings: Settings, peak_flops_per_s: float
 ) -> dict[str, Any]:
     """Full step vs encoder-only ideal, FLOPs and MFU, correspondence targets, memory with and without
     gradient checkpointing: all on one model, so the numbers compare like with like."""
     device = settings.device
     with device:  # parameters are created (and initialized) on the device: fast for ACE-B on a GPU
         model = AceForPreTraining(config).train()
-    optimizer = make_optimizer(model, 1e-4, device)
+    at = steady_state(preset, config, batch_size)
+    optimizer = make_optimizer(model, at.schedules.learning_rate_at(at.step), device)
     batch = synthetic_batch(config, batch_size, device)
     both_views = torch.cat([batch["pixel_values_large"], batch["pixel_values_small"]])
     student, teacher = model.student.ace, model.teacher.ace
 
-    forward_backward, full_step = pretraining_step(model, model, optimizer, batch, settings)
+    forward_backward, full_step = pretraining_step(model, model, optimizer, batch, settings, at)
 
     def encoders_forward_backward() -> None:
         with settings.autocast():
@@ -367,16 +415,17 @@ def benchmark_training(
     }
 
 
-def benchmark_compile(config: AceConfig, batch_size: int, settings: Settings) -> dict[str, Any]:
+def benchmark_compile(preset: str, config: AceConfig, batch_size: int, settings: Settings) -> dict[str, Any]:
     """The full step with the pretraining model under torch.compile (inductor) against the same step in eager
     mode, interleaved on one model; the compilation is the first compiled call, timed apart."""
     device = settings.device
     with device:
         model = AceForPreTraining(config).train()
-    optimizer = make_optimizer(model, 1e-4, device)
+    at = steady_state(preset, config, batch_size)
+    optimizer = make_optimizer(model, at.schedules.learning_rate_at(at.step), device)
     batch = synthetic_batch(config, batch_size, device)
-    _, eager_step = pretraining_step(model, model, optimizer, batch, settings)
-    _, compiled_step = pretraining_step(model, torch.compile(model), optimizer, batch, settings)
+    _, eager_step = pretraining_step(model, model, optimizer, batch, settings, at)
+    _, compiled_step = pretraining_step(model, torch.compile(model), optimizer, batch, settings, at)
 
     start = time.perf_counter()
     compiled_step()
@@ -514,8 +563,9 @@ def benchmark_inference(config: AceConfig, batch_size: int, settings: Settings) 
     device = settings.device
     with device:
         models: dict[str, nn.Module] = {"ace": AceModel(config)}
-        if config.backbone_type == "swin":
-            models["reference"] = SwinModel(_swin_config(config), add_pooling_layer=False)
+        if config.backbone_type == "swin":  # AceModel's own SwinConfig, copied: each model sets its attention
+            swin_config = copy.deepcopy(models["ace"].swin.config)
+            models["reference"] = SwinModel(swin_config, add_pooling_layer=False)
         else:
             models["reference"] = vit_reference(config)
         timm_problem = "timm is not installed" if timm is None else None
@@ -560,10 +610,15 @@ def benchmark_inference(config: AceConfig, batch_size: int, settings: Settings) 
 
 
 def benchmark_preset(
-    config: AceConfig, batch_size: int, settings: Settings, peak: dict[str, float], view_cache: dict
+    preset: str,
+    config: AceConfig,
+    batch_size: int,
+    settings: Settings,
+    peak: dict[str, float],
+    view_cache: dict,
 ) -> dict[str, Any]:
-    """Every part for one configuration. A part that fails (out of memory above all) is recorded under
-    `errors` and the others still run: the GPU run is one shot."""
+    """Every part for one preset's recipe and configuration. A part that fails (out of memory above all) is
+    recorded under `errors` and the others still run: the GPU run is one shot."""
     results: dict[str, Any] = {
         "batch_size": batch_size,
         "config": {
@@ -575,7 +630,7 @@ def benchmark_preset(
     }
     errors: dict[str, str] = {}
     parts: dict[str, Callable[[], dict[str, Any]]] = {
-        "training": lambda: benchmark_training(config, batch_size, settings, peak["flops_per_s"]),
+        "training": lambda: benchmark_training(preset, config, batch_size, settings, peak["flops_per_s"]),
         "views": lambda: {
             "views": benchmark_views(
                 config, settings, results.get("step", {}).get("images_per_s"), view_cache
@@ -584,7 +639,7 @@ def benchmark_preset(
         "inference": lambda: {"inference": benchmark_inference(config, batch_size, settings)},
     }
     if settings.compile:
-        parts["compile"] = lambda: {"compile": benchmark_compile(config, batch_size, settings)}
+        parts["compile"] = lambda: {"compile": benchmark_compile(preset, config, batch_size, settings)}
     for part, measure in parts.items():
         outcome = guarded(measure, settings.device)
         if "error" in outcome:
@@ -789,7 +844,7 @@ def main(argv: list[str] | None = None, config_overrides: dict[str, Any] | None 
         config = AceConfig.from_preset(name, **(config_overrides or {}))
         batch_size = settings.batch_for(name)
         print(f"benchmarking {name} at batch {batch_size} on {settings.device}", file=sys.stderr, flush=True)
-        presets[name] = benchmark_preset(config, batch_size, settings, peak, view_cache)
+        presets[name] = benchmark_preset(name, config, batch_size, settings, peak, view_cache)
         write_outputs(results, args)  # after every preset: a run cut short still leaves what it measured
     print(markdown_report(results))
     return results

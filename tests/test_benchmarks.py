@@ -9,8 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from ace_hf import AceConfig, AceForPreTraining
+from ace_hf.configuration_ace import ACE_PRESETS
+from ace_hf.optimization import WEIGHT_DECAY_FLAG, make_optimizer
+from ace_hf.pretraining.recipe import PretrainingRecipe
 from benchmarks import bench_pretraining
-from tests.conftest import TINY_HEADS
+from tests.conftest import TINY_HEADS, tiny_swin_config
 
 # The conftest tiny ViT as overrides of the ace-vit-tiny preset: the whole benchmark in seconds on 2 cores.
 TINY_OVERRIDES = {
@@ -74,6 +78,57 @@ def test_quick_cpu_run_writes_every_section(tmp_path, capsys) -> None:
     assert "python -m benchmarks.bench_pretraining --quick --device cpu" in report
     assert "| full / ideal |" in report and "n/a" in report
     assert report in capsys.readouterr().out
+
+
+def quick_cpu_settings() -> bench_pretraining.Settings:
+    return bench_pretraining.resolve_settings(bench_pretraining.parse_args(["--quick", "--device", "cpu"]))
+
+
+@pytest.mark.parametrize("preset", sorted(ACE_PRESETS))
+def test_the_timed_step_is_past_every_warm_up_and_the_freeze(preset: str) -> None:
+    config = AceConfig.from_preset(preset)
+    at = bench_pretraining.steady_state(preset, config, global_batch=16)
+
+    schedules = at.schedules
+    assert not schedules.last_layer_frozen(at.step)
+    assert at.step >= schedules.warmup_epochs * schedules.steps_per_epoch
+    assert schedules.teacher_temperature_at(at.step) == config.teacher_temperature
+    assert at.max_grad_norm == PretrainingRecipe.resolve(preset, config).optimization.max_grad_norm
+
+
+def test_full_step_is_the_loops_step_with_the_scheduled_teacher_update() -> None:
+    config = AceConfig.from_preset("ace-vit-tiny", **TINY_OVERRIDES)
+    model = AceForPreTraining(config).train()
+    settings = quick_cpu_settings()
+    at = bench_pretraining.steady_state("ace-vit-tiny", config, global_batch=2)
+    optimizer = make_optimizer(model, 1.0, settings.device)  # the schedules set the real rate
+    batch = bench_pretraining.synthetic_batch(config, 2, settings.device)
+    _, full_step = bench_pretraining.pretraining_step(model, model, optimizer, batch, settings, at)
+    last_layer = [param.detach().clone() for param in model.student.global_head.last_layer.parameters()]
+    teacher = [param.detach().clone() for param in model.teacher.parameters()]
+
+    full_step()
+
+    for group in optimizer.param_groups:
+        assert group["lr"] == at.schedules.learning_rate_at(at.step)
+        if group[WEIGHT_DECAY_FLAG]:
+            assert group["weight_decay"] == at.schedules.weight_decay_at(at.step)
+    moved = model.student.global_head.last_layer.parameters()
+    assert any(not torch.equal(new, old) for new, old in zip(moved, last_layer, strict=True))
+    momentum = at.schedules.teacher_momentum_at(at.step)
+    for new, old, student in zip(
+        model.teacher.parameters(), teacher, model.student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, momentum * old + (1 - momentum) * student.detach())
+    assert all(param.grad is None for param in model.parameters())
+
+
+def test_swin_inference_reference_is_transformers_swin_of_the_same_shape() -> None:
+    results = bench_pretraining.benchmark_inference(tiny_swin_config(), 2, quick_cpu_settings())
+
+    assert results["reference_model"] == "SwinModel"
+    assert results["ace_s"] > 0 and results["reference_s"] > 0
+    assert results["attention"]["ace_eager"] == "eager"
 
 
 def test_a_part_out_of_memory_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatch) -> None:

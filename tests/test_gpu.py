@@ -97,7 +97,7 @@ def test_teacher_ema_stays_float32_and_moves_under_bf16_autocast() -> None:
     loss.backward()
     optimizer.step()
     before = [param.detach().clone() for param in model.teacher.parameters()]
-    momentum = 0.996
+    momentum = config.teacher_momentum  # the schedule's start: its largest update
     with bf16_autocast():  # stricter than the training loop, which updates outside autocast
         model.update_teacher(momentum)
 
