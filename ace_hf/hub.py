@@ -65,7 +65,7 @@ EVALUATION_START, EVALUATION_END = "<!-- ace-evaluation -->", "<!-- /ace-evaluat
 
 CARD_TAGS = ["ace", "self-supervised", "medical-imaging", "vision", "image-feature-extraction"]
 
-# Labels of the known `training_summary` keys (those examples/pretrain.py writes), in table order.
+# Labels of the known `training_summary` keys (those ace_hf.pretraining writes), in table order.
 SUMMARY_LABELS = {
     "dataset": "Data",
     "steps": "Optimizer steps",
@@ -81,6 +81,7 @@ SUMMARY_LABELS = {
     "skipped_images": "Skipped unreadable images",
     "wall_time_s": "Wall time",
     "torch_version": "PyTorch",
+    "recipe": "Recipe (learning rate per 256 images)",
     "segments": "Run segments",
 }
 
@@ -350,6 +351,8 @@ def _format_value(key: str, value: Any) -> str:
         return _format_duration(value)
     if key == "segments" and isinstance(value, list):
         return _public_text(_format_segments(value))
+    if key == "recipe" and isinstance(value, dict):
+        return ", ".join(f"{name} {setting:g}" for name, setting in value.items())
     if isinstance(value, float):
         return f"{value:.4g}"
     return _public_text(str(value))

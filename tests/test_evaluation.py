@@ -703,25 +703,6 @@ def test_arguments_come_from_one_yaml_file_and_bad_ones_stop_with_a_usage_line(
         assert reason in capsys.readouterr().err
 
 
-def test_publishing_and_reporting_do_not_load_the_renderer_or_the_suite() -> None:
-    """ace_hf.hub builds model cards with the report: importing it (in a fresh interpreter) must load neither
-    the CT renderer and its readers nor the suite."""
-    code = "import sys, ace_hf.hub, ace_hf.evaluation.report; print(' '.join(sorted(sys.modules)))"
-    loaded = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    modules = set(loaded.stdout.split())
-    assert "ace_hf.evaluation.report" in modules
-    heavy = {
-        "nibabel",
-        "ace_hf.synthetic",
-        "ace_hf.drr",
-        "ace_hf.evaluation.suite",
-        "ace_hf.evaluation.heldout",
-    }
-    assert not heavy & modules, heavy & modules
-
-
 def test_example_script_runs_the_library_command_line() -> None:
     """examples/run_evaluation.py is the library's command line: --help lists its options and the suite's."""
     script = ROOT / "examples" / "run_evaluation.py"

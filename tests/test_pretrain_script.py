@@ -87,8 +87,13 @@ def test_run_exports_a_loadable_encoder_with_card_and_summary(tmp_path, tiny_con
         assert (output / name).exists(), name
     written = json.loads((output / "training_summary.json").read_text())
     assert written["steps"] == 4 and written["torch_version"] == torch.__version__
+    # The whole recipe: the arguments given (lr, warm-up), the preset's optimization, the config's method.
+    recipe = written["recipe"]
+    assert recipe["learning_rate"] == 1e-2 and recipe["warmup_epochs"] == 0 and recipe["max_grad_norm"] == 0.8
+    assert recipe["global_loss_weight"] == tiny_vit_config().global_loss_weight
     card = (output / "README.md").read_text()
     assert "image-feature-extraction" in card and "library_name: transformers" in card
+    assert "learning_rate 0.01, min_learning_rate 1e-06" in card and "global_loss_weight 0.1" in card
     # The exported weights are the teacher's, taken from the last checkpoint.
     checkpoint = output / "checkpoints" / "step_4"
     assert checkpoint.is_dir()
