@@ -1,7 +1,7 @@
 """Extract ACE embeddings for an image file or a folder of images: a global vector and a patch map per image.
 
-    python examples/extract_features.py --model_name_or_path org/ace-vit-b --input xrays/ --output features/
-    python examples/extract_features.py ... --size 512x640 --resize_mode pad   # another input size
+    ace-hf extract-features --model_name_or_path org/ace-vit-b --input xrays/ --output features/
+    ace-hf extract-features ... --size 512x640 --resize_mode pad   # another input size
 
 --size (N or HxW, multiples of the model's token stride) and --resize_mode ("resize" stretches, "pad" keeps the
 aspect ratio with black borders, "shortest_edge_crop" keeps it by center cropping) override the processor's own;

@@ -1,7 +1,7 @@
 """Look at what ACE encoders learned: PCA colours and query similarity of their patch embeddings.
 
-    python examples/visualize.py --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir vis
-    python examples/visualize.py --model_name_or_path outputs/ace-pretrain org/ace-vit-b --images xrays/ \\
+    ace-hf visualize --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir vis
+    ace-hf visualize --model_name_or_path outputs/ace-pretrain org/ace-vit-b --images xrays/ \\
         --query 200 150 --random_init --output_dir vis
 
 Writes two pictures to --output_dir:

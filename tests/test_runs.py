@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ace_hf.pretraining.__main__ import main
+from ace_hf.arguments import parse_arguments
+from ace_hf.pretraining import PretrainingArguments, pretrain
 from ace_hf.pretraining.checkpoints import checkpoint_dirs
 from ace_hf.runs import (
     LaunchError,
@@ -138,6 +139,11 @@ def test_exported_files_get_the_umask_mode_and_nothing_else_changes(tmp_path) ->
 # ------------------------------------------------------------------ the same guarantees through ace-hf pretrain
 
 
+def _pretrain(argv: list[str]) -> dict:
+    """`ace-hf pretrain ARGV` without the command's one-line error formatting: these tests check the errors."""
+    return pretrain(parse_arguments(PretrainingArguments, argv)).summary
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(data, tiny config folder, output folder of a finished 6-step run with checkpoints at 2, 4, 6)."""
@@ -145,7 +151,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     data = _write_images(root / "data", 12)
     config_dir = root / "config"
     tiny_vit_config().save_pretrained(config_dir)
-    main(_args(data, config_dir, root / "done", *RESUME_ARGS))
+    _pretrain(_args(data, config_dir, root / "done", *RESUME_ARGS))
     return data, config_dir, root / "done"
 
 
@@ -158,9 +164,9 @@ def test_a_quick_run_never_overwrites_a_finished_model(tmp_path, finished_run) -
     output = _copy(done, tmp_path)
     weights = (output / "model.safetensors").read_bytes()
     with pytest.raises(OutputDirError, match="already holds another run"):
-        main(_args(data, config_dir, output, "--max_steps", "3"))
+        _pretrain(_args(data, config_dir, output, "--max_steps", "3"))
     assert (output / "model.safetensors").read_bytes() == weights
-    summary = main(_args(data, config_dir, output, "--max_steps", "3", "--overwrite_output_dir"))
+    summary = _pretrain(_args(data, config_dir, output, "--max_steps", "3", "--overwrite_output_dir"))
     assert summary["steps"] == 3 and [p.name for p in checkpoint_dirs(output)] == ["step_3"]
     assert summary["segments"] == [{"steps": [0, 3], "wall_time_s": summary["wall_time_s"]}]
 
@@ -170,18 +176,18 @@ def test_resume_refuses_another_run_and_records_deliberate_changes(tmp_path, fin
     output = _copy(done, tmp_path)
     resume = ("--resume_from_checkpoint", "latest")
     with pytest.raises(RunMismatchError, match="step 6, past this run's 3 planned steps"):
-        main(_args(data, config_dir, output, "--max_steps", "3", *resume))
+        _pretrain(_args(data, config_dir, output, "--max_steps", "3", *resume))
 
     other_preset = tmp_path / "other-config"
     tiny_vit_config(hidden_size=48).save_pretrained(other_preset)
     with pytest.raises(RunMismatchError, match=r"config.hidden_size: 32 -> 48"):
-        main(_args(data, other_preset, output, *RESUME_ARGS, *resume))
+        _pretrain(_args(data, other_preset, output, *RESUME_ARGS, *resume))
 
     longer = ("--num_train_epochs", "3", "--checkpointing_steps", "2", "--learning_rate", "5e-3")
     with pytest.raises(RunMismatchError, match=r"learning_rate: 0.01 -> 0.005; total_steps: 6 -> 9"):
-        main([*_args(data, config_dir, output, *resume), *longer])
+        _pretrain([*_args(data, config_dir, output, *resume), *longer])
     allow = ("--allow_run_changes", "learning_rate,total_steps")
-    summary = main([*_args(data, config_dir, output, *resume), *longer, *allow])
+    summary = _pretrain([*_args(data, config_dir, output, *resume), *longer, *allow])
     assert summary["steps"] == 9
     first, second = summary["segments"]
     assert first["steps"] == [0, 6] and "changes" not in first
@@ -204,7 +210,7 @@ def test_overwrite_never_clears_the_model_the_run_starts_from(tmp_path, finished
     data, config_dir, done = finished_run
     output = _copy(done, tmp_path)
     with pytest.raises(OutputDirError, match="--model_name_or_path .* lies inside --output_dir"):
-        main(
+        _pretrain(
             [
                 *_args(data, config_dir, output, "--max_steps", "2", "--overwrite_output_dir"),
                 "--model_name_or_path",
@@ -219,7 +225,7 @@ def test_going_back_to_an_older_checkpoint_needs_the_newer_ones_moved(tmp_path, 
     output = _copy(done, tmp_path)
     older = output / "checkpoints" / "step_4"
     with pytest.raises(RunMismatchError, match=r"newer than step_4 \(step_6\)"):
-        main(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", str(older)))
+        _pretrain(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", str(older)))
 
 
 def test_the_same_data_in_another_place_resumes(tmp_path, finished_run) -> None:
@@ -227,5 +233,5 @@ def test_the_same_data_in_another_place_resumes(tmp_path, finished_run) -> None:
     data, config_dir, done = finished_run
     output = _copy(done, tmp_path)
     moved = Path(shutil.copytree(data, tmp_path / "scratch" / data.name))
-    summary = main(_args(moved, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
+    summary = _pretrain(_args(moved, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
     assert summary["steps"] == 6

@@ -9,8 +9,7 @@
     ace-hf convert --checkpoint ace_swin_b.pth --output_dir ace-swin-b
 
 Each subcommand takes its options on the command line or from one JSON/YAML file (`ace-hf pretrain run.yaml`);
-`ace-hf SUBCOMMAND --help` lists them with their defaults. Subcommands are imported only when run, so
-`ace-hf --help` answers without loading torch.
+`ace-hf SUBCOMMAND --help` lists them with their defaults. A subcommand's module is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -56,12 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the subcommand named by the first argument; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, options = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"{usage()}\n\nace-hf: error: unknown subcommand {name!r}", file=sys.stderr)
         return 2
-    sys.argv[0] = f"ace-hf {name}"  # the subcommand's usage line names it
-    status = importlib.import_module(SUBCOMMANDS[name][0]).main(options)
+    program, sys.argv[0] = sys.argv[0], f"ace-hf {name}"  # the subcommand's usage line names it
+    try:
+        status = importlib.import_module(SUBCOMMANDS[name][0]).main(options)
+    finally:
+        sys.argv[0] = program
     return status if isinstance(status, int) else 0

@@ -1,11 +1,11 @@
 r"""Fine-tune (or linearly probe) an ACE encoder for image classification or semantic segmentation.
 
-    python examples/finetune.py --model_name_or_path outputs/ace-pretrain --train_dir my_xrays   # class folders
-    python examples/finetune.py --model_name_or_path org/ace-vit-b --train_csv train.csv --multi_label \
+    ace-hf finetune --model_name_or_path outputs/ace-pretrain --train_dir my_xrays   # class folders
+    ace-hf finetune --model_name_or_path org/ace-vit-b --train_csv train.csv --multi_label \
         --label_columns effusion,nodule --freeze_encoder --learning_rate 1e-3                    # linear probe
-    accelerate launch examples/finetune.py --task segmentation --model_name_or_path org/ace-vit-b \
+    accelerate launch -m ace_hf finetune --task segmentation --model_name_or_path org/ace-vit-b \
         --train_csv masks.csv --train_fraction 0.1                                                # 10% of labels
-    python examples/finetune.py finetune.yaml                                      # the options in one file
+    ace-hf finetune finetune.yaml                                      # the options in one file
 
 Data: an image folder (labels from the folder names; train/ and validation/ subfolders give both splits), a Hub
 dataset, or CSV files with image paths relative to the CSV (`image` and `label` columns, 0/1 columns for
