@@ -18,8 +18,11 @@ $(INSTALL_STAMP): pyproject.toml
 
 install: $(INSTALL_STAMP)
 
+# One process on the CPU, without a launcher (what `accelerate launch --cpu --num_processes 1 --mixed_precision no`
+# sets up): Ctrl-C then reaches the run alone, which saves a checkpoint and stops, and a refused run is one error
+# line. Options go in ARGS: make pretrain ARGS="--overwrite_output_dir".
 pretrain: $(INSTALL_STAMP)
-	$(BIN)/accelerate launch --cpu --num_processes 1 --mixed_precision no examples/pretrain.py
+	ACCELERATE_USE_CPU=true ACCELERATE_MIXED_PRECISION=no $(BIN)/python -m ace_hf pretrain $(ARGS)
 
 test: $(INSTALL_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not hub"

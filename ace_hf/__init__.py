@@ -4,14 +4,7 @@ Importing the package registers the ACE classes with transformers' Auto classes,
 `AutoModel.from_pretrained(folder)` works without `trust_remote_code` when ace_hf is installed.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForSemanticSegmentation,
-    AutoVideoProcessor,
-)
+import transformers as _transformers
 
 from .configuration_ace import ACE_PRESETS, AceConfig
 from .correspondence_ace import CorrespondenceTargets, correspondence_targets, sample_view_origins
@@ -26,17 +19,26 @@ from .modeling_ace import (
     AcePreTrainingOutput,
 )
 
-AutoConfig.register("ace", AceConfig, exist_ok=True)
-AutoModel.register(AceConfig, AceModel, exist_ok=True)
-AutoModelForImageClassification.register(AceConfig, AceForImageClassification, exist_ok=True)
-AutoModelForSemanticSegmentation.register(AceConfig, AceForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(
-    AceConfig, image_processor_classes={"torchvision": AceImageProcessor}, exist_ok=True
-)
-# "No video processor", as transformers records for its image-only models. Without it the image-feature-extraction
-# pipeline, which also looks for a video processor, derives "AceVideoProcessor" from preprocessor_config.json's
-# auto_map and asks "Do you wish to run the custom code? [y/N]" (15 s timeout) for a class that does not exist.
-AutoVideoProcessor.register(AceConfig, video_processor_classes={}, exist_ok=True)
+
+def _register_auto_classes() -> None:
+    """Register the ACE classes with transformers' Auto classes (a function, so that the package's namespace
+    holds only its own names)."""
+    auto = _transformers
+    auto.AutoConfig.register("ace", AceConfig, exist_ok=True)
+    auto.AutoModel.register(AceConfig, AceModel, exist_ok=True)
+    auto.AutoModelForImageClassification.register(AceConfig, AceForImageClassification, exist_ok=True)
+    auto.AutoModelForSemanticSegmentation.register(AceConfig, AceForSemanticSegmentation, exist_ok=True)
+    auto.AutoImageProcessor.register(
+        AceConfig, image_processor_classes={"torchvision": AceImageProcessor}, exist_ok=True
+    )
+    # "No video processor", as transformers records for its image-only models. Without it the
+    # image-feature-extraction pipeline, which also looks for a video processor, derives "AceVideoProcessor" from
+    # preprocessor_config.json's auto_map and asks "Do you wish to run the custom code? [y/N]" (15 s timeout) for
+    # a class that does not exist.
+    auto.AutoVideoProcessor.register(AceConfig, video_processor_classes={}, exist_ok=True)
+
+
+_register_auto_classes()
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,9 @@ Outputs, for an image `<relative name>` (its path under --input, extension inclu
 Images go through the model's image processor directly (not PIL's 8-bit RGB conversion), so 16-bit X-rays keep
 their full range. Files that cannot be read are skipped (`ace_hf.image_io.load_or_skip`), counted and named at
 the end.
+
+An --output that already holds features is refused unless --overwrite_output_dir; a missing model folder, a
+--size off the model's token stride or an unusable --output is one `error:` line before the model loads.
 """
 
 from __future__ import annotations
@@ -34,23 +37,28 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 import ace_hf  # noqa: F401  (registers the ACE classes with the Auto classes)
-from ace_hf.arguments import parse_arguments
+from ace_hf.arguments import (
+    ModelSourceError,
+    SizeError,
+    check_model_source,
+    check_results_folder,
+    check_size,
+    parse_arguments,
+    parse_size,
+    read_model_config,
+    run_or_exit,
+)
 from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files, load_or_skip
-from ace_hf.runs import OutputDirError, ensure_writable_folder
+from ace_hf.runs import OutputDirError, normal_file_permissions
 
 logger = logging.getLogger(__name__)
 
 SKIPPED_NAMES_SHOWN = 5
-
-
-def parse_size(text: str | int) -> int | dict[str, int]:
-    """'512' -> 512 (square), '512x640' -> {"height": 512, "width": 640}; the processor checks the stride."""
-    parts = str(text).lower().split("x")
-    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise ValueError(f"--size {text!r} is not N or HxW with positive integers")
-    if len(parts) == 1:
-        return int(parts[0])
-    return {"height": int(parts[0]), "width": int(parts[1])}
+# What an earlier extraction left in --output, per --format (glob patterns).
+RESULTS = {
+    "npy": ("**/*.global.npy", "**/*.patch.npy"),
+    "safetensors": ("features.safetensors", "features_index.json"),
+}
 
 
 @dataclass
@@ -74,6 +82,13 @@ class FeatureExtractionArguments:
     device: str = field(
         default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "where the model runs"}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "write over the features an earlier run left in --output (npy: features of images this run "
+            "does not read stay)"
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={
@@ -84,6 +99,7 @@ class FeatureExtractionArguments:
     def __post_init__(self) -> None:
         # Paths from a .json/.yaml file arrive as strings.
         self.input, self.output = Path(self.input), Path(self.output)
+        check_model_source(self.model_name_or_path, "--model_name_or_path")
         if not self.input.exists():
             raise ValueError(f"--input {str(self.input)!r} does not exist")
         if self.batch_size < 1:
@@ -120,11 +136,19 @@ def load_pixels(processor: BaseImageProcessor, path: Path) -> torch.Tensor:
 def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
     """Embed every image of `args.input` and write the features to `args.output`.
 
-    Raises OutputDirError for an unusable output folder, before the model loads: a wrong path should cost one
-    line, not a load and a traceback.
+    Raises, before the model loads (a mistake should cost one line, not a load and a traceback): OutputDirError
+    for an --output holding earlier features or unusable, ModelSourceError for a model whose config cannot be
+    read, SizeError for a --size off the model's token stride.
     """
-    ensure_writable_folder(args.output, "--output")
-    model = AutoModel.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    check_results_folder(args.output, RESULTS[args.format], "--output", args.overwrite_output_dir)
+    config = read_model_config(
+        args.model_name_or_path, "--model_name_or_path", trust_remote_code=args.trust_remote_code
+    )
+    if args.size is not None and hasattr(config, "token_stride"):
+        check_size(parse_size(args.size), config.token_stride)
+    model = AutoModel.from_pretrained(
+        args.model_name_or_path, config=config, trust_remote_code=args.trust_remote_code
+    )
     model = model.to(args.device).eval()
     # Overrides go through the processor's __init__, so a bad size fails here, not as a skip of every file.
     processor = AutoImageProcessor.from_pretrained(
@@ -174,6 +198,7 @@ def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
         metadata = {"model": str(args.model_name_or_path)}
         save_file(features, args.output / "features.safetensors", metadata=metadata)
         (args.output / "features_index.json").write_text(json.dumps(index, indent=2))
+        normal_file_permissions(args.output, ["features.safetensors"])  # safetensors writes 0600
     logger.info(f"Wrote features of {len(summary.written)} image(s) to {args.output}.")
     if summary.skipped:
         shown = "\n  ".join(summary.skipped[:SKIPPED_NAMES_SHOWN]) + (
@@ -184,12 +209,9 @@ def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the extraction; returns the exit status (1 when no image could be read, 2 for an unusable --output)."""
+    """Run the extraction; returns the exit status (1 when no image could be read). A mistake found after
+    parsing exits with one `error:` line (status 1)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_arguments(FeatureExtractionArguments, argv, description=__doc__)
-    try:
-        summary = extract_features(args)
-    except OutputDirError as error:
-        logger.error(str(error))
-        return 2
+    summary = run_or_exit(lambda: extract_features(args), (OutputDirError, ModelSourceError, SizeError))
     return 0 if summary.written else 1

@@ -1,4 +1,5 @@
-"""Publish a pretrained ACE encoder: a Hub-ready folder (weights, remote code, model card) and its upload.
+"""Publish a pretrained ACE encoder: a Hub-ready folder (weights, remote code, model card) and its upload, whose
+target is checked before any training so that a push fails at the start, not after it.
 
 Training-side module: never imported by the files that travel to the Hub.
 """
@@ -10,20 +11,22 @@ import json
 import logging
 import os
 import re
+import shlex
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import httpx, validate_repo_id
 from safetensors.torch import load_file, save_file
 
 from .configuration_ace import AceConfig
 from .evaluation.report import results_markdown
 from .image_processing_ace import AceImageProcessor
-from .modeling_ace import AceForPreTraining, AceModel
+from .modeling_ace import AceForImageClassification, AceForPreTraining, AceForSemanticSegmentation, AceModel
 from .runs import normal_file_permissions
 
 logger = logging.getLogger(__name__)
@@ -39,13 +42,33 @@ REMOTE_CODE_FILES = (
     "correspondence_ace.py",
     "losses_ace.py",
 )
+# The Auto classes an export must map to its remote code: the encoder and its image processor, and the task
+# heads that fine-tuning starts from it (`AutoModelForImageClassification.from_pretrained(export, num_labels=3)`).
 REQUIRED_AUTO_MAP = {
-    "config.json": ("AutoConfig", "AutoModel"),
+    "config.json": (
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoModelForSemanticSegmentation",
+    ),
     "preprocessor_config.json": ("AutoImageProcessor",),
 }
+# `save_pretrained` of the encoder maps only AceModel; these register the other Auto classes of config.json.
+TASK_HEADS = (AceForImageClassification, AceForSemanticSegmentation)
 
 # Written next to the encoder so that continued pretraining keeps the heads (as RAD-DINO ships its DINO head).
 PRETRAINING_HEADS_NAME = "pretraining_heads.safetensors"
+# Files in subfolders (training's checkpoints and logs, next to the export) stay off the Hub: an export is flat.
+SUBFOLDER_FILES = "*/*"
+# How long the check before training waits for the Hub's answer: huggingface_hub sets no timeout, and an
+# unreachable network would otherwise hold the run for the operating system's connect timeout (minutes).
+HUB_CHECK_TIMEOUT_S = 10.0
+TOKEN_FIX = "pass --hub_token, set HF_TOKEN, or run `hf auth login`"
+OFFLINE_FIX = (
+    "connect to the Hub (and unset HF_HUB_OFFLINE), or train without --push_to_hub and upload the export "
+    "later with `hf upload`"
+)
+
 # Every file export_pretrained writes.
 EXPORT_FILES = (
     "model.safetensors",
@@ -100,7 +123,8 @@ def export_pretrained(
     license: str = "apache-2.0",
     template_path: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a folder that `AutoModel` / `AutoImageProcessor` / `pipeline` load with `trust_remote_code=True`.
+    """Write a folder that `AutoModel` / `AutoImageProcessor` / `pipeline` load with `trust_remote_code=True`,
+    and that `AutoModelForImageClassification` / `AutoModelForSemanticSegmentation` load as task heads around it.
 
     The folder holds float32 safetensors weights, config.json and preprocessor_config.json with `auto_map`,
     the remote-code modules, and a README.md model card. `model_id` ("org/name") is what the card's usage
@@ -128,6 +152,7 @@ def export_pretrained(
         # Published weights are float32; convert a copy so the caller's model stays as it is.
         encoder = copy.deepcopy(encoder).float()
     encoder.save_pretrained(output_dir)
+    _map_task_heads(output_dir / "config.json")
     image_processor.save_pretrained(output_dir)
     _check_remote_code(output_dir)
     _save_pretraining_heads(output_dir, pretraining_heads)
@@ -161,6 +186,42 @@ def export_pretrained(
     return output_dir
 
 
+class HubPushError(RuntimeError):
+    """A push to the Hub that cannot work, or that failed: the message says what to fix, in one line."""
+
+
+def check_push_target(repo_id: str | None, token: str | None = None, *, api: HfApi | None = None) -> None:
+    """Refuse now a push that would fail after hours of training: a `repo_id` that is no repository id, no
+    token (`token`, else HF_TOKEN or the `hf auth login` one), a token the Hub refuses or that cannot write, or a
+    Hub that does not answer within `HUB_CHECK_TIMEOUT_S` (offline, or HF_HUB_OFFLINE set).
+
+    Raises:
+        HubPushError: naming the option (--hub_model_id, --hub_token) and the fix.
+    """
+    if not repo_id:
+        raise HubPushError("--push_to_hub needs --hub_model_id (namespace/name)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubPushError(f"--hub_model_id {repo_id!r} is not a Hub repository id: {error}") from None
+    token = token or get_token()
+    if token is None:
+        raise HubPushError(f"--push_to_hub needs a Hub token: {TOKEN_FIX}")
+    try:
+        user = _whoami_within(api or HfApi(token=token), token, HUB_CHECK_TIMEOUT_S)
+    except (OSError, httpx.HTTPError) as error:
+        refused = isinstance(error, HfHubHTTPError) and error.response.status_code == 401
+        fix = TOKEN_FIX if refused else OFFLINE_FIX
+        raise HubPushError(
+            f"could not check the Hub token for --hub_model_id {repo_id} ({_short_cause(error)}); {fix}"
+        ) from None
+    if user.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise HubPushError(
+            f"the Hub token of {user.get('name')} is read-only and cannot push to --hub_model_id {repo_id}; "
+            f"create a write token at https://huggingface.co/settings/tokens, then {TOKEN_FIX}"
+        )
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -177,6 +238,10 @@ def push_to_hub(
     state) and logs in subfolders next to it. `evaluation_results` (results.json of examples/run_evaluation.py,
     path or dict) first fills the model card's evaluation section, since evaluation usually runs after the
     export. Returns the commit URL. `api` is injectable so tests can record the calls instead of reaching the Hub.
+
+    Raises:
+        FileNotFoundError: `folder` holds no export.
+        HubPushError: the upload failed; its one line says the folder is kept, and the command that uploads it.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -184,14 +249,26 @@ def push_to_hub(
     if evaluation_results is not None:
         add_evaluation_to_card(folder, evaluation_results)
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        commit_message=commit_message,
-        allow_patterns=sorted(path.name for path in folder.iterdir() if path.is_file()),
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            commit_message=commit_message,
+            ignore_patterns=[SUBFOLDER_FILES],
+        )
+    except (OSError, httpx.HTTPError) as error:
+        raise HubPushError(
+            f"pushing to --hub_model_id {repo_id} failed ({_short_cause(error)}); the model is safe in "
+            f"{folder}: upload it later with `{upload_command(folder, repo_id, private=private)}`"
+        ) from None
     return str(commit)
+
+
+def upload_command(folder: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
+    """The `hf upload` command line that uploads what push_to_hub would (the folder's top-level files)."""
+    command = ["hf", "upload", repo_id, str(folder), ".", "--exclude", SUBFOLDER_FILES]
+    return shlex.join([*command, "--private"] if private else command)
 
 
 def add_evaluation_to_card(
@@ -262,6 +339,14 @@ def _save_pretraining_heads(
     save_file({key: value.contiguous() for key, value in heads.items()}, path, metadata={"format": "pt"})
 
 
+def _map_task_heads(config_file: Path) -> None:
+    """Add the task heads to config.json's `auto_map`, so that fine-tuning an export needs no `import ace_hf`."""
+    config = json.loads(config_file.read_text())
+    for head in TASK_HEADS:
+        config["auto_map"][head._auto_class] = f"{head.__module__.rsplit('.', 1)[-1]}.{head.__name__}"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as save_pretrained does
+
+
 def _check_remote_code(folder: Path) -> None:
     """Fail at export, not at a user's first `from_pretrained`, when remote-code loading cannot work."""
     problems = [name for name in ("model.safetensors", *REMOTE_CODE_FILES) if not (folder / name).is_file()]
@@ -274,6 +359,33 @@ def _check_remote_code(folder: Path) -> None:
             f"The export in {str(folder)!r} cannot be loaded with trust_remote_code=True; missing: "
             f"{', '.join(problems)}. Each remote-code class must call register_for_auto_class()."
         )
+
+
+def _whoami_within(api: HfApi, token: str, seconds: float) -> dict[str, Any]:
+    """`api.whoami(token)`, given up after `seconds` (as a `TimeoutError`): huggingface_hub sets no timeout."""
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            answer["user"] = api.whoami(token=token)
+        except BaseException as error:  # handed to the caller's thread, which decides
+            answer["error"] = error
+
+    # A daemon thread: a request that hangs must not keep the process alive after the error.
+    thread = threading.Thread(target=ask, name="hub-whoami", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if "error" in answer:
+        raise answer["error"]
+    if "user" not in answer:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return answer["user"]
+
+
+def _short_cause(error: BaseException) -> str:
+    """The error's type and first line: huggingface_hub's messages go on with request ids and hints."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _model_facts(encoder: AceModel) -> dict[str, Any]:
@@ -419,9 +531,12 @@ def _public_word(word: str) -> str:
 
 __all__ = [
     "PRETRAINING_HEADS_NAME",
+    "HubPushError",
     "add_evaluation_to_card",
+    "check_push_target",
     "export_pretrained",
     "find_pretraining_heads",
     "pretraining_model_from_export",
     "push_to_hub",
+    "upload_command",
 ]

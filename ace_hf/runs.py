@@ -98,9 +98,12 @@ def check_output_dir(
                 )
     held = other_runs_work(output_dir) if output_dir.is_dir() else []
     if held and not (resuming or overwrite):
+        # Under make, the options go through its ARGS variable.
+        through_make = ' (through make: ARGS="--overwrite_output_dir")' if "MAKELEVEL" in os.environ else ""
         raise OutputDirError(
             f"--output_dir {output_dir} already holds another run's work ({', '.join(held)}): continue it with "
-            "--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another folder."
+            f"--resume_from_checkpoint latest, replace it with --overwrite_output_dir{through_make}, or choose "
+            "another folder."
         )
     ensure_writable_folder(output_dir, "--output_dir")
     free = shutil.disk_usage(output_dir).free
@@ -174,6 +177,15 @@ def check_resume(
             "and the model card)."
         )
     return changes
+
+
+def finished_run_summary(output_dir: Path, step: int, total_steps: int) -> dict[str, Any] | None:
+    """The training summary of the export in `output_dir` when the run resumed at `step` has already ended there
+    (its last step, exported from it): resuming a finished run then changes nothing. None otherwise."""
+    if step < total_steps or not all((output_dir / name).is_file() for name in EXPORT_MARKERS):
+        return None
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    return summary if summary.get("steps") == step else None
 
 
 def write_run_record(folder: Path, record: Mapping[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """Look at what ACE encoders learned: PCA colours and query similarity of their patch embeddings.
 
-    ace-hf visualize --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir vis
+    ace-hf visualize --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir outputs/vis
     ace-hf visualize --model_name_or_path outputs/ace-pretrain org/ace-vit-b --images xrays/ \\
-        --query 200 150 --random_init --output_dir vis
+        --query 200 150 --random_init --output_dir outputs/vis
 
 Writes two pictures to --output_dir:
 - `pca.png`: a row of the input images, then per model a row with the first three principal components of its
@@ -15,7 +15,9 @@ Writes two pictures to --output_dir:
 Images are `--images` (files or folders) or, without them, `--heldout N` held-out chest radiographs rendered at the
 first model's pretraining size (`grid_size * token_stride`), never seen in pretraining. `--random_init` adds the
 first model's architecture with random weights as a reference: what position embeddings and pixels alone give.
-The drawing itself is `ace_hf.visualization`.
+An --output_dir that already holds the pictures is refused unless --overwrite_output_dir; a missing model folder,
+a --size or --query that does not fit is one `error:` line before any model loads. The drawing itself is
+`ace_hf.visualization`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ace_hf import AceImageProcessor, AceModel
-from ace_hf.arguments import parse_arguments, run_or_exit
+from ace_hf import AceConfig, AceImageProcessor, AceModel
+from ace_hf.arguments import (
+    ModelSourceError,
+    SizeError,
+    check_model_source,
+    check_results_folder,
+    check_size,
+    parse_arguments,
+    read_model_config,
+    run_or_exit,
+)
 from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files
+from ace_hf.runs import OutputDirError
 from ace_hf.visualization import (
     image_grid,
     mark_point,
@@ -45,10 +57,11 @@ from ace_hf.visualization import (
 logger = logging.getLogger(__name__)
 
 Encoder = tuple[str, AceModel, AceImageProcessor]  # label, model, the processor its image files go through
+PICTURES = ("pca.png", "similarity.png")
 
 
 class GeometryError(ValueError):
-    """--size or --query do not fit the encoders or the images: a usage error, reported in one line."""
+    """--query does not fit the images: a usage error, reported in one line."""
 
 
 @dataclass
@@ -77,6 +90,9 @@ class VisualizationArguments:
     device: str = field(
         default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "where the models run"}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the pictures an earlier run left in --output_dir"}
+    )
 
     def __post_init__(self) -> None:
         # Paths from a .json/.yaml file arrive as strings.
@@ -84,6 +100,8 @@ class VisualizationArguments:
         self.images = None if self.images is None else [Path(path) for path in self.images]
         if not self.model_name_or_path:
             raise ValueError("--model_name_or_path needs at least one encoder")
+        for name in self.model_name_or_path:
+            check_model_source(name, "--model_name_or_path")
         for path in self.images or []:
             if not path.exists():
                 raise ValueError(f"--images {str(path)!r} does not exist")
@@ -100,20 +118,39 @@ def find_images(inputs: list[Path]) -> list[Path]:
     return [found for path in inputs for found in ([path] if path.is_file() else list_image_files(path))]
 
 
-def load_processor(name: str, model: AceModel) -> AceImageProcessor:
+def load_processor(name: str, config: AceConfig) -> AceImageProcessor:
     """The processor saved with the model (its windowing and normalization), else the one its config implies."""
     try:
         return AceImageProcessor.from_pretrained(name)
     except OSError:  # no preprocessor_config.json
-        return AceImageProcessor.from_ace_config(model.config)
+        return AceImageProcessor.from_ace_config(config)
 
 
-def load_encoders(args: VisualizationArguments) -> list[Encoder]:
+@dataclass
+class EncoderSource:
+    """One --model_name_or_path read without its weights: enough to check the geometry before anything loads."""
+
+    name: str  # as given
+    label: str  # its name in the pictures: the folder's name, or the Hub id
+    config: AceConfig
+    processor: AceImageProcessor
+
+
+def read_sources(args: VisualizationArguments) -> list[EncoderSource]:
+    """Each model's config and processor (ModelSourceError when a config cannot be read)."""
+    sources = []
+    for name in args.model_name_or_path:
+        config = read_model_config(name, "--model_name_or_path", AceConfig)
+        sources.append(EncoderSource(name, Path(name).name or name, config, load_processor(name, config)))
+    return sources
+
+
+def load_encoders(args: VisualizationArguments, sources: list[EncoderSource]) -> list[Encoder]:
     """Each model with its processor; the random-init reference copies the first one's architecture."""
     encoders: list[Encoder] = []
-    for name in args.model_name_or_path:
-        model = AceModel.from_pretrained(name).to(args.device).eval()
-        encoders.append((Path(name).name or name, model, load_processor(name, model)))
+    for source in sources:
+        model = AceModel.from_pretrained(source.name, config=source.config).to(args.device).eval()
+        encoders.append((source.label, model, source.processor))
     if args.random_init:
         first_label, first_model, first_processor = encoders[0]
         torch.manual_seed(args.seed)
@@ -164,13 +201,11 @@ def embed_renders(model: AceModel, images: torch.Tensor, batch_size: int) -> tor
     return encode(model, images, batch_size=batch_size)[0]
 
 
-def query_pixel(encoders: list[Encoder], size: int, query: list[float] | None) -> tuple[float, float]:
-    """The query (row, col), default the centre; GeometryError when --size or --query does not fit."""
-    for label, model, _ in encoders:
-        if size % model.config.token_stride:
-            raise GeometryError(
-                f"--size {size} is not a multiple of {label}'s token stride {model.config.token_stride}"
-            )
+def query_pixel(sources: list[EncoderSource], size: int, query: list[float] | None) -> tuple[float, float]:
+    """The query (row, col), default the centre; SizeError when `size` does not fit a model's token stride,
+    GeometryError when --query lies outside the image."""
+    for source in sources:
+        check_size(size, source.config.token_stride, model=source.label)
     row, col = query if query is not None else ((size - 1) / 2, (size - 1) / 2)
     if not (0 <= row <= size - 1 and 0 <= col <= size - 1):
         raise GeometryError(f"--query {row} {col} is outside the {size} x {size} image")
@@ -179,26 +214,34 @@ def query_pixel(encoders: list[Encoder], size: int, query: list[float] | None) -
 
 def visualize(args: VisualizationArguments) -> list[Path]:
     """Draw `pca.png` and `similarity.png` into `args.output_dir`; returns their paths (none when no image
-    was found). Raises GeometryError when --size or --query does not fit, before anything is encoded."""
-    encoders = load_encoders(args)
-    _, first_model, first_processor = encoders[0]
+    was found). Raises, before any weights load or image is read: OutputDirError (--output_dir holds earlier
+    pictures or is unusable), ModelSourceError (a model's config cannot be read), SizeError (--size off a
+    model's token stride) or GeometryError (--query outside the image)."""
+    check_results_folder(args.output_dir, PICTURES, "--output_dir", args.overwrite_output_dir)
+    sources = read_sources(args)
+    first = sources[0]
 
-    # Images at the inference size: files, or held-out renders at the first model's pretraining size.
+    # The inference size: the first processor's for files, else held-out renders at the first model's
+    # pretraining size.
     paths: list[Path] = []
+    render_size = first.config.grid_size * first.config.token_stride
     if args.images:
         paths = find_images(args.images)
         if not paths:
             logger.error(f"No images found in {args.images} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
             return []
-        size = args.size or first_processor.size["height"]
+        size = args.size or first.processor.size["height"]
+    else:
+        size = args.size or render_size
+    row, col = query_pixel(sources, size, args.query)
+    encoders = load_encoders(args, sources)
+
+    if paths:
         images = window_files(paths, size)
         names = [path.name for path in paths]
     else:
-        render_size = first_model.config.grid_size * first_model.config.token_stride
-        size = args.size or render_size
         images = heldout_images(args.heldout, render_size, size)
         names = [f"held-out {index}" for index in range(len(images))]
-    row, col = query_pixel(encoders, size, args.query)
     logger.info(
         f"{len(images)} image(s) at {size} x {size} px; query pixel (row {row:g}, col {col:g}) of {names[0]}."
     )
@@ -207,7 +250,7 @@ def visualize(args: VisualizationArguments) -> list[Path]:
     plain = [to_pil(image[0]) for image in images]
     pca_rows, pca_labels = [plain], ["input: " + ", ".join(names)]
     similarity_rows, similarity_labels = [], []
-    for label, model, processor in tqdm(encoders, desc="Encoding", unit="model"):
+    for model_label, model, processor in tqdm(encoders, desc="Encoding", unit="model"):
         if paths:
             dense = embed_files(model, processor, paths, size, args.batch_size)
         else:
@@ -216,7 +259,7 @@ def visualize(args: VisualizationArguments) -> list[Path]:
 
         colours = pca_rgb(dense)
         pca_rows.append([overlay(image[0], colour) for image, colour in zip(images, colours, strict=True)])
-        pca_labels.append(f"{label}: PCA of patch embeddings (same colour = same embedding)")
+        pca_labels.append(f"{model_label}: PCA of patch embeddings (same colour = same embedding)")
 
         maps = similarity_maps(query_embedding(dense[0], row, col, stride), dense)
         shown = list(range(1, len(images))) or [0]  # a single image: its own map
@@ -225,12 +268,11 @@ def visualize(args: VisualizationArguments) -> list[Path]:
             [mark_point(plain[0], row, col)]
             + [overlay(images[i, 0], maps[i], value_range=(low, high)) for i in shown]
         )
-        similarity_labels.append(f"{label}: cosine similarity to + (blue {low:.2f} .. red {high:.2f})")
+        similarity_labels.append(f"{model_label}: cosine similarity to + (blue {low:.2f} .. red {high:.2f})")
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    pictures = {"pca.png": (pca_rows, pca_labels), "similarity.png": (similarity_rows, similarity_labels)}
+    pictures = zip(PICTURES, [(pca_rows, pca_labels), (similarity_rows, similarity_labels)], strict=True)
     written = []
-    for filename, (rows, labels) in pictures.items():
+    for filename, (rows, labels) in pictures:
         image_grid(rows, labels).save(args.output_dir / filename)
         written.append(args.output_dir / filename)
     return written
@@ -240,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     """Draw both pictures and print their paths; returns the exit status (1 when no image was found)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_arguments(VisualizationArguments, argv, description=__doc__)
-    written = run_or_exit(lambda: visualize(args), (GeometryError,))
+    written = run_or_exit(
+        lambda: visualize(args), (OutputDirError, ModelSourceError, SizeError, GeometryError)
+    )
     for path in written:
         print(path)
     return 0 if written else 1

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ace_hf import AceImageProcessor
 from ace_hf.image_io import decode_image, list_image_files, read_dicom
+from ace_hf.pretraining import PretrainingArguments
 from ace_hf.pretraining.data import ViewPairCollator, example_seed, load_pretraining_dataset
 from tests.conftest import tiny_vit_config
 
@@ -82,6 +83,7 @@ def test_collator_replaces_bad_images_and_names_them() -> None:
     assert batch["pixel_values_large"].shape == (3, 3, 32, 32)  # same batch size on every process
     assert batch["sample_ids"].tolist() == [0, 2, -1]
     assert len(batch["skipped"]) == 1 and "/data/broken.png" in batch["skipped"][0]
+    assert batch["skipped_files"] == ["/data/broken.png"]  # the name alone: a file is counted once per run
     with pytest.raises(ValueError, match="Every image of a batch failed"):
         _collator()([broken])
 
@@ -120,8 +122,8 @@ def test_image_folder_with_dicom_files_is_listed_and_decoded(tmp_path: Path) -> 
 
 
 def test_dataset_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not a directory"):
-        load_pretraining_dataset(train_dir=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not a directory"):  # refused with the arguments, before any loading
+        PretrainingArguments(train_dir=str(tmp_path / "missing"))
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="--image_column 'pixels' is not a column"):
         load_pretraining_dataset(train_dir=str(tmp_path), image_column="pixels")

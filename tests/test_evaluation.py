@@ -24,7 +24,7 @@ from ace_hf import (
     sample_view_origins,
 )
 from ace_hf.evaluation import properties
-from ace_hf.evaluation.config import EvaluationConfig
+from ace_hf.evaluation.config import FULL_SUITE, QUICK_SUITE, EvaluationConfig
 from ace_hf.evaluation.fewshot import classification_fewshot, segmentation_fewshot
 from ace_hf.evaluation.heldout import HeldOutData, unnormalize_pixels
 from ace_hf.evaluation.properties import (
@@ -39,6 +39,7 @@ from ace_hf.evaluation.run import EvaluationArguments, load_encoders, main, pars
 from ace_hf.evaluation.suite import evaluate_encoder
 from ace_hf.sampling import draw
 from tests.conftest import tiny_vit_config
+from tests.test_extract_features import assert_one_error_line, run_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -690,9 +691,11 @@ def test_arguments_come_from_one_yaml_file_and_bad_ones_stop_with_a_usage_line(
     """A .yaml file of options stands for the command line; a missing encoder or a --names of the wrong length
     stops at parsing with the reason, before any model is loaded."""
     options = tmp_path / "evaluation.yaml"
-    options.write_text("model_name_or_path: [a, b]\nnames: [first, second]\nsegmentation_shots: [1, 2]\n")
+    options.write_text(
+        "model_name_or_path: [org/a, org/b]\nnames: [first, second]\nsegmentation_shots: [1, 2]\n"
+    )
     args, config = parse_args([str(options)])
-    assert args.model_name_or_path == ["a", "b"] and args.names == ["first", "second"]
+    assert args.model_name_or_path == ["org/a", "org/b"] and args.names == ["first", "second"]
     assert config.segmentation_shots == [1, 2] and config.classification_shots == [10, 40]
     for argv, reason in (
         ([], "--model_name_or_path is required"),
@@ -709,3 +712,126 @@ def test_example_script_runs_the_library_command_line() -> None:
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--random_init_seeds" in result.stdout and "--segmentation_shots" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# User mistakes, earlier results, the quick preset
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def encoder_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "encoder"
+    AceModel(tiny_vit_config()).save_pretrained(folder)
+    return folder
+
+
+def test_a_missing_local_model_is_a_usage_error_at_once(
+    encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "no-such-run"
+    argv = ["evaluate", "--model_name_or_path", str(encoder_dir), str(missing)]
+    status, stderr = run_command([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert status == 2
+    assert_one_error_line(stderr, f"ace-hf evaluate: error: --model_name_or_path {missing}: no such")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_few_shot_k_the_renders_cannot_supply_is_one_error_line_before_anything_loads(
+    encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 anatomy renders keep 3 for testing: k = 20 cannot be drawn, and that is said before any model loads
+    (the few-shot loop would say it after the rendering and the matching)."""
+    monkeypatch.setattr("ace_hf.evaluation.run.load_encoders", lambda *args: pytest.fail("models loaded"))
+    argv = ["evaluate", "--model_name_or_path", str(encoder_dir), "--output_dir", str(tmp_path / "out")]
+    status, stderr = run_command(
+        [*argv, "--num_anatomy_images", "8", "--segmentation_shots", "1", "20"], capsys
+    )
+    assert status == 1
+    assert_one_error_line(stderr, "error: --segmentation_shots 20: k must be 1 to 5")
+
+
+def test_earlier_results_are_kept_unless_overwrite_output_dir(
+    encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second evaluation into the same --output_dir is refused before any model loads; --overwrite_output_dir
+    replaces results.json and results.md (the suite itself is stubbed: this is about the folder)."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "results.json").write_text("{}")
+    monkeypatch.setattr("ace_hf.evaluation.run.evaluate_encoder", lambda encoder, config: _stub_results())
+    argv = ["evaluate", "--model_name_or_path", str(encoder_dir), "--output_dir", str(output_dir)]
+    status, stderr = run_command([*argv, "--device", "cpu"], capsys)
+    assert status == 1
+    assert_one_error_line(
+        stderr, f"error: --output_dir {output_dir} already holds earlier results (results.json)"
+    )
+    assert (output_dir / "results.json").read_text() == "{}"
+
+    assert run_command([*argv, "--device", "cpu", "--overwrite_output_dir"], capsys)[0] == 0
+    assert list(json.loads((output_dir / "results.json").read_text())) == [str(encoder_dir)]
+    assert (output_dir / "results.md").read_text().startswith(f"| metric | {encoder_dir} |")
+
+
+def _stub_results() -> dict:
+    matching = {"balanced_accuracy": 0.5, "chance": 0.1, "num_structures": 3}
+    landmarks = {"median_error_px": 4.0, "pck": 0.5, "position_only_median_error_px": 9.0}
+    properties = {
+        "anatomical_matching": matching,
+        "landmark_matching": landmarks,
+        "view_correspondence": {"accuracy": 0.5, "chance": 0.06},
+    }
+    return {"properties": properties, "segmentation": {}, "classification": {}, "settings": {}}
+
+
+def test_quick_fills_the_unset_options_and_leaves_the_set_ones() -> None:
+    full, quick = EvaluationConfig(), EvaluationConfig(quick=True)
+    assert {name: getattr(full, name) for name in FULL_SUITE} == FULL_SUITE
+    assert {name: getattr(quick, name) for name in QUICK_SUITE} == QUICK_SUITE
+    assert quick.matching_images == QUICK_SUITE["num_anatomy_images"]
+    assert EvaluationConfig(quick=True, repeats=3, segmentation_shots=[2]).repeats == 3
+    _, from_command_line = parse_args(["--model_name_or_path", "org/a", "--quick", "--finetune_steps", "5"])
+    assert from_command_line.finetune_steps == 5 and from_command_line.num_findings_images == 48
+    full.segmentation_shots.append(99)  # each config owns its lists
+    assert EvaluationConfig().segmentation_shots == [1, 5, 20]
+
+
+def random_heldout(
+    num_images: int, render_size: int, with_findings: bool, cache_dir: str | None
+) -> HeldOutData:
+    """Held-out data of the right shapes without the renderer: noise images, block label maps, alternating
+    findings (every draw and the test set see both classes)."""
+    generator = torch.Generator().manual_seed(num_images)
+    findings = (torch.arange(num_images)[:, None] + torch.arange(3)) % 2
+    return HeldOutData(
+        images=torch.rand(num_images, 1, render_size, render_size, generator=generator),
+        structures=block_maps(num_images, render_size, STRIDE, 6, generator),
+        anatomy=block_maps(num_images, render_size, STRIDE, 4, generator),
+        landmarks=torch.rand(num_images, 5, 2, generator=generator) * render_size,
+        findings=findings.float() if with_findings else None,
+        info={
+            "anatomy_labels": ["background", "a", "b", "c"],
+            "findings": ["x", "y", "z"] if with_findings else [],
+        },
+    )
+
+
+def test_the_quick_preset_runs_with_a_progress_bar_per_task(
+    encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog, monkeypatch
+) -> None:
+    """`--quick` end to end on the tiny encoder (random held-out data of the quick sizes stand in for the
+    renders, which the tests above cover): every task shows its bar and logs its time, no fine-tuning rows."""
+    monkeypatch.setattr("ace_hf.evaluation.suite.load_heldout", random_heldout)
+    argv = ["--model_name_or_path", str(encoder_dir), "--output_dir", str(tmp_path / "out"), "--quick"]
+    with caplog.at_level(logging.INFO):
+        results = main([*argv, "--device", "cpu"])
+    result = results[str(encoder_dir)]
+    assert set(result["segmentation"]) == {"linear_k1_miou", "linear_k5_miou"}
+    assert set(result["classification"]) == {"linear_k10_auc"}
+    assert result["settings"]["quick"] and result["settings"]["num_anatomy_images"] == 24
+    stderr = capsys.readouterr().err
+    tasks = ["anatomical matching", "landmark matching", "view correspondence", "few-shot segmentation"]
+    for index, task in enumerate([*tasks, "few-shot findings"], 1):
+        assert f"[{index}/5] {task}" in stderr, task
+        assert f"[{index}/5] {task}: " in caplog.text, task
+    assert "k=5, draw 1: linear head" in stderr

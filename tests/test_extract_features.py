@@ -1,12 +1,18 @@
 """ace_hf.features (examples/extract_features.py): features of a folder of images, in both formats, with unreadable
-files skipped."""
+files skipped; each user mistake is one `error:` line before the model loads, earlier features are kept unless
+--overwrite_output_dir, and the files written are readable by others.
+
+`run_command` and `assert_one_error_line` check a command as the shell sees it; the visualization and evaluation
+tests use them too."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import runpy
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +22,37 @@ import torch
 from safetensors.numpy import load_file
 
 from ace_hf import AceImageProcessor, AceModel
-from ace_hf.arguments import parse_arguments
-from ace_hf.features import (
-    FeatureExtractionArguments,
-    extract_features,
-    main,
-    parse_size,
-    processor_overrides,
-)
+from ace_hf.arguments import ModelSourceError, check_model_source, parse_arguments, parse_size
+from ace_hf.commands import main as ace_hf_command
+from ace_hf.features import FeatureExtractionArguments, extract_features, main, processor_overrides
 from tests.conftest import EXAMPLES, tiny_vit_config
 
 IMAGES = ["a.png", "sub/b.png", "sub/c16.png"]
+
+
+def run_command(argv: Sequence[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """`ace-hf ARGV` in process: its exit status and stderr as the shell would see them (a `sys.exit(message)`
+    prints the message and exits with 1)."""
+    try:
+        status = ace_hf_command(list(argv))
+    except SystemExit as exited:
+        if isinstance(exited.code, str):
+            print(exited.code, file=sys.stderr)
+            status = 1
+        else:
+            status = exited.code or 0
+    return status, capsys.readouterr().err
+
+
+def assert_one_error_line(stderr: str, *expected: str) -> str:
+    """Exactly one `error:` line (alone, or argparse's `PROG: error:` after its usage), holding each of
+    `expected`, and no traceback; returns that line."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:") or ": error: " in line]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
 
 
 def parse_args(argv: list[str]) -> FeatureExtractionArguments:
@@ -169,25 +195,112 @@ def test_a_missing_input_is_refused_with_the_arguments(model_dir, tmp_path) -> N
         FeatureExtractionArguments(str(model_dir), tmp_path / "missing", tmp_path / "out")
 
 
-def test_size_off_the_stride_fails_before_reading_images(model_dir, image_dir, tmp_path) -> None:
-    argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
-    with pytest.raises(ValueError, match=r"AceImageProcessor\.size=.*multiples of the model's token stride"):
-        main([*argv, "--size", "50", "--device", "cpu"])
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the weights fails the test: proves a check ran before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("ace_hf.features.AutoModel.from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("size", "nearest"),
+    [("50", "48 or 56"), ("50x64", "48x64 or 56x64"), ("4", "8"), ("100x3", "96x8 or 104x8")],
+)
+def test_a_size_off_the_token_stride_is_one_error_line_before_the_model_loads(
+    size, nearest, model_dir, image_dir, tmp_path, capsys, no_model_loads
+) -> None:
+    argv = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--input",
+        str(image_dir),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    status, stderr = run_command(["extract-features", *argv, "--size", size, "--device", "cpu"], capsys)
+    assert status == 1
+    assert_one_error_line(
+        stderr, f"error: --size {size} is not a multiple of the model's token stride 8", f"size is {nearest}"
+    )
+
+
+@pytest.mark.parametrize(
+    "model", ["./missing-model", "{tmp}/missing-model", "missing-model", "~/no/such/model"]
+)
+def test_a_missing_local_model_is_a_usage_error_at_once(model, image_dir, tmp_path, capsys) -> None:
+    """A value that reads as a local path (./, /, ~, an existing parent folder, not org/name) and is not there:
+    argparse's usage and one error line naming the option, exit 2, before anything loads."""
+    model = model.format(tmp=tmp_path)
+    argv = ["extract-features", "--model_name_or_path", model, "--input", str(image_dir)]
+    status, stderr = run_command([*argv, "--output", str(tmp_path / "out")], capsys)
+    assert status == 2
+    assert_one_error_line(stderr, "ace-hf extract-features: error: --model_name_or_path", model, "no such")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_source_reads_as_local_when_its_parent_folder_exists_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "outputs/run" is shaped like a Hub id, but outputs/ exists here: a missing local run, refused at once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(ModelSourceError, match="^--model_name_or_path outputs/run: no such file or folder$"):
+        check_model_source("outputs/run", "--model_name_or_path")
+    check_model_source("org/run", "--model_name_or_path")  # a Hub id: checked when it loads
+    check_model_source(None, "--config_name")  # an option left out
+    (tmp_path / "outputs" / "run").mkdir()
+    check_model_source("outputs/run", "--model_name_or_path")
+
+
+def test_a_hub_id_passes_the_argument_check(image_dir, tmp_path) -> None:
+    args = parse_args(["--model_name_or_path", "org/ace-vit-b", "--input", str(image_dir), "--output", "x"])
+    assert args.model_name_or_path == "org/ace-vit-b"
 
 
 @pytest.mark.parametrize("kind", ["a file", "unwritable"])
 def test_an_unusable_output_fails_in_one_line_before_the_model_loads(
-    kind, image_dir, tmp_path, caplog
+    kind, model_dir, image_dir, tmp_path, capsys, no_model_loads
 ) -> None:
-    """A missing model proves the order: the output is refused before anything is loaded."""
     output = Path("/proc/forbidden")
     if kind == "a file":
         output = tmp_path / "taken"
         output.write_text("x")
-    status = run(tmp_path / "no-such-model", image_dir, output, "npy", caplog)
-    assert status == 2
-    assert ("is a file, not a folder" if kind == "a file" else "is not writable") in caplog.text
-    assert "Traceback" not in caplog.text
+    argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(output)]
+    status, stderr = run_command(["extract-features", *argv], capsys)
+    assert status == 1
+    assert_one_error_line(
+        stderr, "error: --output", "is a file, not a folder" if kind == "a file" else "is not writable"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+def test_earlier_features_are_kept_unless_overwrite_output_dir(
+    fmt, model_dir, image_dir, tmp_path, capsys, caplog
+) -> None:
+    """A second extraction into the same --output is refused before the model loads; --overwrite_output_dir
+    replaces the features."""
+    assert run(model_dir, image_dir, tmp_path, fmt, caplog) == 0
+    written = sorted(tmp_path.rglob("*"))
+    argv = ["--model_name_or_path", str(model_dir), "--input", str(image_dir), "--output", str(tmp_path)]
+    argv += ["--format", fmt, "--device", "cpu"]
+    status, stderr = run_command(["extract-features", *argv], capsys)
+    assert status == 1
+    held = "a.png.global.npy" if fmt == "npy" else "features.safetensors"
+    assert_one_error_line(stderr, f"error: --output {tmp_path} already holds earlier results", held)
+    assert sorted(tmp_path.rglob("*")) == written
+    assert run_command(["extract-features", *argv, "--overwrite_output_dir"], capsys)[0] == 0
+
+
+def test_features_are_written_with_normal_permissions(model_dir, image_dir, tmp_path, caplog) -> None:
+    """safetensors writes 0600; the features get the mode any new file gets here (0666 less the umask)."""
+    assert run(model_dir, image_dir, tmp_path, "safetensors", caplog) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("features.safetensors", "features_index.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_script_smoke(model_dir, image_dir, tmp_path, monkeypatch) -> None:

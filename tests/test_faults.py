@@ -1,12 +1,14 @@
-"""Faults during pretraining: kill -9 in a step and in a checkpoint write, and a full disk while saving.
+"""Faults during pretraining: kill -9 in a step and in a checkpoint write, a full disk while saving, and Ctrl-C
+under `accelerate launch`.
 
-After each, `--resume_from_checkpoint latest` must skip what was half written and end bit-identical to an
+After each crash, `--resume_from_checkpoint latest` must skip what was half written and end bit-identical to an
 uninterrupted run (the tiny model of tests/test_pretrain_script.py: 12 images, batch 4, 6 steps).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -123,3 +125,41 @@ def test_a_full_disk_while_saving_fails_cleanly_and_keeps_the_previous_checkpoin
     assert [path.name for path in checkpoint_dirs(output)] == ["step_2"]
     assert not list((output / "checkpoints").glob(".partial-*"))
     _resume_and_compare(output, data, config_dir, expected)
+
+
+# Under `accelerate launch`, the child that the terminal's Ctrl-C reaches (with its launcher: one process group).
+CTRL_C_CHILD = """
+import os, signal, sys
+from ace_hf import AceForPreTraining
+from ace_hf.pretraining.__main__ import main
+
+update, calls = AceForPreTraining.update_teacher, [0]
+def update_then_ctrl_c(self, momentum):
+    calls[0] += 1
+    if calls[0] == 3:  # in optimizer step 3
+        os.killpg(os.getpgid(0), signal.SIGINT)
+    return update(self, momentum)
+AceForPreTraining.update_teacher = update_then_ctrl_c
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_under_accelerate_launch_stops_at_the_step_it_names(tmp_path, straight_run) -> None:
+    """The launcher passes the Ctrl-C on (SIGTERM) and kills its child 5 s later: the run still stops after the
+    step it named, with its checkpoint, and neither process prints a traceback."""
+    data, config_dir, _ = straight_run
+    output = tmp_path / "stopped"
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_CHILD)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision",
+        "no", str(script), *_args(data, config_dir, output, *RESUME_ARGS, "--logging_steps", "10"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launched = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, start_new_session=True, timeout=300
+    )
+    assert launched.returncode == 128 + signal.SIGINT, launched.stderr[-4000:]
+    assert "Traceback" not in launched.stderr, launched.stderr[-4000:]
+    assert "Stop requested: stopping after step 3 with a checkpoint" in launched.stderr
+    assert [path.name for path in checkpoint_dirs(output)] == ["step_2", "step_3"], launched.stderr[-3000:]

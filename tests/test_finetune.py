@@ -1,9 +1,11 @@
 """ace_hf.finetuning end to end on a tiny encoder and a handful of synthetic PNGs written to tmp_path; the
-examples/finetune.py command line once, as the README runs it."""
+examples/finetune.py command line once, as the README runs it; each user mistake of `ace-hf finetune` as one
+`error:` line before the model loads; no run written over another's; resuming as if never interrupted."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -19,9 +21,12 @@ from transformers import AutoModelForImageClassification, AutoModelForSemanticSe
 
 from ace_hf import AceConfig, AceImageProcessor, AceModel
 from ace_hf.arguments import parse_arguments
+from ace_hf.commands import main as ace_hf_command
 from ace_hf.finetuning import FinetuningArguments, finetune, main
-from ace_hf.finetuning.data import few_shot_indices
+from ace_hf.finetuning import loop as finetuning_loop
+from ace_hf.finetuning.data import DataError, few_shot_indices
 from ace_hf.finetuning.metrics import improved
+from ace_hf.runs import OutputDirError, RunMismatchError, read_run_record
 from tests.conftest import EXAMPLES
 from tests.test_hub import FakeHfApi
 
@@ -33,8 +38,7 @@ def _one_thread(one_thread) -> None:
     """Every test here runs on one intra-op thread (the CI machine's cores are shared)."""
 
 
-@pytest.fixture
-def encoder_dir(tmp_path: Path) -> Path:
+def save_tiny_encoder(folder: Path) -> Path:
     """A tiny ACE encoder and its image processor, saved as a pretraining run exports them."""
     config = AceConfig.from_preset(
         "ace-vit-tiny",
@@ -48,10 +52,14 @@ def encoder_dir(tmp_path: Path) -> Path:
         grid_size=10,
         drop_path_rate=0.0,
     )
-    folder = tmp_path / "encoder"
     AceModel(config).save_pretrained(folder)
     AceImageProcessor.from_ace_config(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def encoder_dir(tmp_path: Path) -> Path:
+    return save_tiny_encoder(tmp_path / "encoder")
 
 
 def _save(path: Path, brightness: float, rng: np.random.Generator) -> Path:
@@ -84,9 +92,8 @@ def _run(encoder_dir: Path, output_dir: Path, **options) -> dict:
         FinetuningArguments(
             model_name_or_path=str(encoder_dir),
             output_dir=str(output_dir),
-            per_device_train_batch_size=4,
             learning_rate=3e-3,
-            **{"num_train_epochs": 2, **options},
+            **{"num_train_epochs": 2, "per_device_train_batch_size": 4, **options},
         )
     )
 
@@ -228,7 +235,7 @@ def test_a_csv_naming_a_missing_file_or_column_or_a_bad_label_fails_clearly(tmp_
         tmp_path / "missing.csv",
         [{"image": "present.png", "label": "a"}, {"image": "absent.png", "label": "b"}],
     )
-    with pytest.raises(FileNotFoundError, match=r"line 3, column 'image': file .*absent\.png"):
+    with pytest.raises(DataError, match=r"line 3, column 'image': file .*absent\.png"):
         _run(encoder_dir, tmp_path / "out", train_csv=str(missing))
     no_label = _write_csv(tmp_path / "no_label.csv", [{"image": "present.png", "finding": "a"}])
     with pytest.raises(ValueError, match=r"no column\(s\) 'label'; its columns: \['image', 'finding'\]"):
@@ -247,6 +254,7 @@ def test_a_csv_naming_a_missing_file_or_column_or_a_bad_label_fails_clearly(tmp_
 def test_push_to_hub_uploads_the_best_model(tmp_path, encoder_dir, monkeypatch) -> None:
     api = FakeHfApi()
     monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the push is checked before training
     data = _image_folder(tmp_path / "data", per_class=4)
     _run(
         encoder_dir,
@@ -294,15 +302,237 @@ def test_contradictory_options_are_refused_before_any_data_is_read(capsys) -> No
 
 
 def test_options_come_from_flags_or_from_one_json_or_yaml_file(tmp_path) -> None:
+    encoder, data, masks = tmp_path / "encoder", tmp_path / "data", tmp_path / "masks.csv"
+    encoder.mkdir(), data.mkdir(), masks.touch()  # paths are checked with the options
     flags = parse_arguments(
         FinetuningArguments,
-        ["--model_name_or_path", "encoder", "--train_dir", "data", "--multi_label", "--label_columns", "a,b"],
+        [
+            "--model_name_or_path",
+            str(encoder),
+            "--train_dir",
+            str(data),
+            "--multi_label",
+            "--label_columns",
+            "a,b",
+        ],
     )
     assert flags.multi_label and flags.task_kind == "multi_label" and flags.best_metric == "roc_auc"
     assert flags.ignore_index == 255 and flags.num_train_epochs == 10  # the defaults
-    options = {"model_name_or_path": "encoder", "train_csv": "masks.csv", "task": "segmentation"}
+    options = {"model_name_or_path": str(encoder), "train_csv": str(masks), "task": "segmentation"}
     (tmp_path / "options.json").write_text(json.dumps(options))
     (tmp_path / "options.yaml").write_text("".join(f"{key}: {value}\n" for key, value in options.items()))
     for path in (tmp_path / "options.json", tmp_path / "options.yaml"):
         parsed = parse_arguments(FinetuningArguments, [str(path)])
         assert parsed == FinetuningArguments(**options) and parsed.best_metric == "mean_iou"
+
+
+# ------------------------------------------------------------------------- user mistakes: one line, exit 1 or 2
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the mistakes below start from: an encoder, 4 images per class, a CSV naming a missing file, masks
+    with a class value 5, a file where a folder belongs, an empty folder and a folder holding another run's
+    model."""
+    root = tmp_path_factory.mktemp("mistakes")
+    save_tiny_encoder(root / "encoder")
+    _image_folder(root / "images", per_class=4)
+    rng = np.random.default_rng(0)
+    _save(root / "present.png", 100, rng)
+    _write_csv(
+        root / "missing.csv", [{"image": "present.png", "label": "a"}, {"image": "absent.png", "label": "b"}]
+    )
+    rows = []
+    for index in range(3):
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        mask[:, SIZE // 2 :] = 5 if index == 2 else 1
+        Image.fromarray(mask).save(root / f"mask{index}.png")
+        rows.append({"image": "present.png", "mask": f"mask{index}.png"})
+    _write_csv(root / "masks.csv", rows)
+    (root / "a_file").touch()
+    (root / "empty").mkdir()
+    (root / "earlier_run").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (root / "earlier_run" / name).touch()
+    return root
+
+
+def finetune_refusal(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """`ace-hf finetune argv` run in-process until it exits: its exit status and its one `error:` line, after
+    checking that stderr holds no traceback and no other error line."""
+    with pytest.raises(SystemExit) as exited:
+        ace_hf_command(["finetune", *argv])
+    status, stderr = exited.value.code, capsys.readouterr().err
+    if isinstance(status, str):  # sys.exit(message): Python prints the message on stderr, status 1
+        status, stderr = 1, stderr + status + "\n"
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert "Traceback" not in stderr and len(errors) == 1, stderr
+    assert errors[0].startswith("error: " if status == 1 else "ace-hf finetune: error: "), stderr
+    return status, errors[0]
+
+
+# name -> (options after --model_name_or_path, exit status, what the error line names)
+MISTAKES = {
+    "too few shots": (
+        ["--train_dir", "images", "--shots_per_class", "5"],
+        1,
+        ["--shots_per_class 5", "'bright'", "only 3"],
+    ),
+    "a csv row names a missing file": (
+        ["--train_csv", "missing.csv"],
+        1,
+        ["--train_csv missing.csv", "line 3", "absent.png"],
+    ),
+    "a mask value without a class name": (
+        ["--task", "segmentation", "--train_csv", "masks.csv", "--label_names", "background,lung"],
+        1,
+        ["mask2.png", "value 5", "--label_names"],
+    ),
+    "a missing train_dir": (["--train_dir", "nowhere"], 2, ["--train_dir", "nowhere"]),
+    "an empty train_dir": (["--train_dir", "empty"], 1, ["--train_dir empty"]),
+    "a missing train_csv": (["--train_csv", "nowhere.csv"], 2, ["--train_csv", "nowhere.csv"]),
+    "a missing validation_csv": (
+        ["--train_csv", "missing.csv", "--validation_csv", "nowhere.csv"],
+        2,
+        ["--validation_csv", "nowhere.csv"],
+    ),
+    "an unknown report_to": (["--train_dir", "images", "--report_to", "mlfow"], 2, ["--report_to", "mlfow"]),
+    "an output_dir that is a file": (
+        ["--train_dir", "images", "--output_dir", "a_file"],
+        1,
+        ["--output_dir", "a file"],
+    ),
+    "an output_dir holding another run": (
+        ["--train_dir", "images", "--output_dir", "earlier_run"],
+        1,
+        ["--output_dir", "--overwrite_output_dir"],
+    ),
+    "a malformed size": (["--train_dir", "images", "--size", "big"], 2, ["--size", "big"]),
+    "a size off the token stride": (["--train_dir", "images", "--size", "20"], 1, ["--size 20", "stride 8"]),
+    "a missing checkpoint": (
+        ["--train_dir", "images", "--resume_from_checkpoint", "nowhere"],
+        2,
+        ["--resume_from_checkpoint", "nowhere"],
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_each_mistake_is_one_error_line_before_the_model_loads(
+    mistake, mistakes, capsys, monkeypatch
+) -> None:
+    options, status, named = MISTAKES[mistake]
+    monkeypatch.chdir(mistakes)
+    monkeypatch.setattr(finetuning_loop, "build_model", lambda *_: pytest.fail("the model loaded"))
+    if "--output_dir" not in options:
+        options = [*options, "--output_dir", "out"]
+    refused_status, line = finetune_refusal(["--model_name_or_path", "encoder", *options], capsys)
+    assert refused_status == status, line
+    for name in named:
+        assert name in line, line
+
+
+@pytest.mark.parametrize("model", ["nowhere", "./nowhere", "images/encoder", "/no/such/encoder"])
+def test_a_local_model_path_that_is_not_there_is_refused_at_once(
+    model, mistakes, capsys, monkeypatch
+) -> None:
+    """Not a network failure after a minute: a value that can only be a local path is refused while parsing
+    ("images/encoder" has the shape of a Hub id, but the folder images/ is here)."""
+    monkeypatch.chdir(mistakes)
+    status, line = finetune_refusal(["--model_name_or_path", model, "--train_dir", "images"], capsys)
+    assert status == 2 and f"--model_name_or_path {model}" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_report_to_a_tracker_that_is_not_installed_is_refused(mistakes, capsys) -> None:
+    argv = ["--model_name_or_path", str(mistakes / "encoder"), "--train_dir", str(mistakes / "images")]
+    status, line = finetune_refusal([*argv, "--report_to", "wandb"], capsys)
+    assert status == 2 and "pip install wandb" in line
+
+
+# ------------------------------------------------------- output folders, permissions and the new options
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite_and_its_files_are_readable(
+    tmp_path, encoder_dir
+) -> None:
+    data = _image_folder(tmp_path / "data", per_class=4)
+    output = tmp_path / "out"
+    _run(encoder_dir, output, train_dir=str(data), num_train_epochs=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "eval_results.json",
+        "README.md",
+    ):
+        assert (output / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # safetensors alone wrote 0600
+
+    with pytest.raises(OutputDirError, match="already holds another run's work"):
+        _run(encoder_dir, output, train_dir=str(data), num_train_epochs=1)
+    (output / "notes.txt").write_text("mine")
+    results = _run(encoder_dir, output, train_dir=str(data), num_train_epochs=1, overwrite_output_dir=True)
+    assert json.loads((output / "eval_results.json").read_text()) == results
+    assert (output / "notes.txt").read_text() == "mine"  # only the earlier run's files go
+
+
+def test_max_steps_overrides_epochs_and_size_sets_the_input(tmp_path, encoder_dir) -> None:
+    """9 training images in batches of 4: 3 steps per epoch, so 5 steps are one epoch and 2 steps of a second;
+    the fine-tuned model's processor keeps the 16 px input."""
+    data = _image_folder(tmp_path / "data", per_class=6)
+    output = tmp_path / "out"
+    results = _run(encoder_dir, output, train_dir=str(data), max_steps=5, num_train_epochs=9, size="16")
+
+    assert results["train_samples"] == 9 and results["step"] in (3, 5)
+    [checkpoint] = (output / "checkpoints").iterdir()
+    assert checkpoint.name == "step_5" and read_run_record(checkpoint)["state"]["epoch"] == 2
+    saved = json.loads((output / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 16, "width": 16}
+
+
+def test_report_to_tensorboard_logs_into_the_output_dir(tmp_path, encoder_dir, caplog) -> None:
+    pytest.importorskip("tensorboard")
+    data = _image_folder(tmp_path / "data", per_class=4)
+    output = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        _run(encoder_dir, output, train_dir=str(data), num_train_epochs=1, report_to="tensorboard")
+    assert list((output / "ace-finetune").glob("events.out.tfevents.*"))
+    assert f"Logging to tensorboard in {output / 'ace-finetune'}" in caplog.text
+
+
+class Interrupted(Exception):
+    """Stands for a crash (or Ctrl-C) during the second epoch."""
+
+
+def test_a_resumed_run_ends_as_the_uninterrupted_run(tmp_path, encoder_dir, monkeypatch) -> None:
+    data = _image_folder(tmp_path / "data", per_class=6)
+    options = {"train_dir": str(data), "num_train_epochs": 2}
+    uninterrupted = _run(encoder_dir, tmp_path / "uninterrupted", **options)
+
+    train_epoch = finetuning_loop.train_epoch
+    epochs = []
+
+    def crash_in_the_second_epoch(*arguments):
+        epochs.append(len(epochs) + 1)
+        if len(epochs) == 2:
+            raise Interrupted
+        return train_epoch(*arguments)
+
+    output = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(finetuning_loop, "train_epoch", crash_in_the_second_epoch)
+        with pytest.raises(Interrupted):
+            _run(encoder_dir, output, **options)
+    with pytest.raises(RunMismatchError, match="different run.*batch_size: 4 -> 3"):
+        _run(encoder_dir, output, **options, resume_from_checkpoint="latest", per_device_train_batch_size=3)
+
+    assert _run(encoder_dir, output, **options, resume_from_checkpoint="latest") == uninterrupted
+    assert [path.name for path in (output / "checkpoints").iterdir()] == ["step_6"]  # 3 steps per epoch
+    weights = {
+        folder: AutoModelForImageClassification.from_pretrained(folder).state_dict()
+        for folder in (output, tmp_path / "uninterrupted")
+    }
+    for key, value in weights[output].items():
+        assert torch.equal(value, weights[tmp_path / "uninterrupted"][key]), key

@@ -1,4 +1,5 @@
-"""Publishing an encoder: the exported folder, loading it as remote code in a clean process, and the upload."""
+"""Publishing an encoder: the exported folder, loading it as remote code in a clean process, and the upload:
+its target checked before any training, and a failed upload that leaves the export and the command to send it."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,17 +20,21 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects, httpx
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, dynamic_module_utils, pipeline
 from transformers.image_utils import load_image
 
 from ace_hf import AceForPreTraining, AceImageProcessor, AceModel
+from ace_hf.commands import main as ace_hf_main
 from ace_hf.hub import (
     PRETRAINING_HEADS_NAME,
+    REQUIRED_AUTO_MAP,
+    HubPushError,
+    check_push_target,
     export_pretrained,
     find_pretraining_heads,
     pretraining_model_from_export,
@@ -153,10 +160,13 @@ def test_export_writes_weights_remote_code_and_model_card(exported) -> None:
     ]:
         assert (folder / name).is_file(), name
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {
+    assert config["auto_map"] == {  # the task heads too: fine-tuning the export needs no `import ace_hf`
         "AutoConfig": "configuration_ace.AceConfig",
         "AutoModel": "modeling_ace.AceModel",
+        "AutoModelForImageClassification": "modeling_ace.AceForImageClassification",
+        "AutoModelForSemanticSegmentation": "modeling_ace.AceForSemanticSegmentation",
     }
+    assert set(config["auto_map"]) == set(REQUIRED_AUTO_MAP["config.json"])
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
     assert "image_processing_ace.AceImageProcessor" in str(preprocessor["auto_map"]["AutoImageProcessor"])
 
@@ -248,22 +258,46 @@ def test_export_loads_as_remote_code_in_a_process_without_ace_hf(exported, xray_
 
 
 class FakeHfApi:
-    """Records what push_to_hub asks of the Hub, and which files the upload would carry."""
+    """Records what push_to_hub asks of the Hub, and which files the upload would carry. `fail` names the call
+    (whoami, create_repo, upload_folder) that raises `error` instead, as the Hub or the network would; `role`
+    is the token's, as whoami reports it."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: str | None = None, error: Exception | None = None, role: str = "write") -> None:
+        self.fail, self.error, self.role = fail, error, role
+        self.tokens: list[str | None] = []
         self.created: list[dict] = []
         self.uploads: list[dict] = []
 
+    def _call(self, name: str) -> None:
+        if name == self.fail:
+            raise self.error
+
+    def whoami(self, token: str | None = None) -> dict:
+        self._call("whoami")
+        self.tokens.append(token)
+        return {"name": "test-user", "auth": {"accessToken": {"role": self.role}}}
+
     def create_repo(self, repo_id: str, **kwargs) -> str:
+        self._call("create_repo")
         self.created.append({"repo_id": repo_id, **kwargs})
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, *, folder_path, repo_id: str, commit_message: str, allow_patterns=None) -> str:
-        folder = Path(folder_path)
-        files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
-        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns))
-        self.uploads.append({"repo_id": repo_id, "commit_message": commit_message, "files": uploaded})
+    def upload_folder(self, *, folder_path, repo_id: str, commit_message: str, ignore_patterns=None) -> str:
+        self._call("upload_folder")
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "commit_message": commit_message,
+                "files": files_to_upload(Path(folder_path), ignore_patterns),
+            }
+        )
         return f"https://huggingface.co/{repo_id}/commit/0123abc"
+
+
+def files_to_upload(folder: Path, ignore_patterns: list[str] | None) -> list[str]:
+    """What `upload_folder` (and `hf upload --exclude`) would send of `folder`."""
+    files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    return sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
 
 
 def test_push_to_hub_creates_the_repo_and_uploads_the_export_only(exported, tmp_path: Path) -> None:
@@ -294,12 +328,258 @@ def test_push_to_hub_refuses_a_folder_without_an_export(tmp_path: Path) -> None:
     assert api.created == [] and api.uploads == []
 
 
+# ------------------------------------------------------------------------------------------------------------
+# A push that cannot work, or that fails
+# ------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_NETWORK = httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+TOKEN_FIX = "pass --hub_token, set HF_TOKEN, or run `hf auth login`"
+
+
+def _http_error(status: int, message: str) -> HfHubHTTPError:
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    return HfHubHTTPError(f"{message}\n\nRequest id: 0123", response=httpx.Response(status, request=request))
+
+
+def _no_chain(error: BaseException) -> bool:
+    """No httpx error chain printed under the one line (`raise ... from None`)."""
+    return error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+@pytest.fixture
+def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither HF_TOKEN nor a cached `hf auth login` token."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("ace_hf.hub.get_token", lambda: None)
+
+
+def test_a_push_target_is_checked_with_the_given_token_else_hf_token(monkeypatch) -> None:
+    api = FakeHfApi()
+    check_push_target("org/ace-test", "hf_given", api=api)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
+    check_push_target("org/ace-test", api=api)
+    assert api.tokens == ["hf_given", "hf_from_the_environment"]
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "token", "api", "message"),
+    [
+        (None, "hf_token", FakeHfApi(), "--push_to_hub needs --hub_model_id (namespace/name)"),
+        (
+            "org/ace test",
+            "hf_token",
+            FakeHfApi(),
+            "--hub_model_id 'org/ace test' is not a Hub repository id: ",
+        ),
+        (
+            "models/org/ace",
+            "hf_token",
+            FakeHfApi(),
+            "--hub_model_id 'models/org/ace' is not a Hub repository id",
+        ),
+        ("org/ace-test", None, FakeHfApi(), f"--push_to_hub needs a Hub token: {TOKEN_FIX}"),
+        (
+            "org/ace-test",
+            "hf_wrong",
+            FakeHfApi("whoami", _http_error(401, "Invalid user token.")),
+            f"could not check the Hub token for --hub_model_id org/ace-test (HfHubHTTPError: Invalid user "
+            f"token.); {TOKEN_FIX}",
+        ),
+        (
+            "org/ace-test",
+            "hf_token",
+            FakeHfApi(role="read"),
+            "the Hub token of test-user is read-only and cannot push to --hub_model_id org/ace-test; create a "
+            f"write token at https://huggingface.co/settings/tokens, then {TOKEN_FIX}",
+        ),
+        (
+            "org/ace-test",
+            "hf_token",
+            FakeHfApi("whoami", NO_NETWORK),
+            "could not check the Hub token for --hub_model_id org/ace-test (ConnectError: [Errno -3] Temporary "
+            "failure in name resolution); connect to the Hub (and unset HF_HUB_OFFLINE), or train without "
+            "--push_to_hub and upload the export later with `hf upload`",
+        ),
+    ],
+)
+def test_a_push_that_cannot_work_is_one_line_that_names_the_option(
+    repo_id, token, api, message, no_token
+) -> None:
+    with pytest.raises(HubPushError) as raised:
+        check_push_target(repo_id, token, api=api)
+    text = str(raised.value)
+    assert text.startswith(message) and "\n" not in text
+    assert _no_chain(raised.value)
+
+
+def test_offline_or_unanswered_the_check_fails_within_seconds(monkeypatch) -> None:
+    """HF_HUB_OFFLINE (the real huggingface_hub client), and a Hub that does not answer (huggingface_hub sets
+    no timeout): refused quickly, not after the operating system's connect timeout."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(HubPushError, match=r"\(OfflineModeIsEnabled: Cannot reach .*unset HF_HUB_OFFLINE"):
+        check_push_target("org/ace-test", "hf_token")
+    assert time.perf_counter() - start < 5
+
+    release = threading.Event()
+
+    class SilentHub(FakeHfApi):
+        def whoami(self, token: str | None = None) -> dict:
+            release.wait(30)
+            return super().whoami(token)
+
+    monkeypatch.setattr("ace_hf.hub.HUB_CHECK_TIMEOUT_S", 0.2)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(
+            HubPushError, match=r"\(TimeoutError: no answer within 0.2 s\); connect to the Hub"
+        ):
+            check_push_target("org/ace-test", "hf_token", api=SilentHub())
+    finally:
+        release.set()
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("fail", "error", "cause"),
+    [
+        (
+            "create_repo",
+            _http_error(403, "403 Forbidden: no write access to org"),
+            "HfHubHTTPError: 403 Forbidden: no write access to org",
+        ),
+        ("upload_folder", NO_NETWORK, "ConnectError: [Errno -3] Temporary failure in name resolution"),
+    ],
+)
+def test_a_failed_push_keeps_the_export_and_says_how_to_upload_it(
+    exported, tmp_path: Path, fail: str, error: Exception, cause: str
+) -> None:
+    folder = Path(shutil.copytree(exported[2], tmp_path / "output"))
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.bin").write_bytes(b"state")
+    with pytest.raises(HubPushError) as raised:
+        push_to_hub(folder, "test-org/ace-vit-tiny", private=True, api=FakeHfApi(fail, error))
+    command = f"hf upload test-org/ace-vit-tiny {folder} . --exclude '*/*' --private"
+    assert str(raised.value) == (
+        f"pushing to --hub_model_id test-org/ace-vit-tiny failed ({cause}); the model is safe in {folder}: "
+        f"upload it later with `{command}`"
+    )
+    assert _no_chain(raised.value)
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+
+    # The command sends what push_to_hub sends: the top-level files, no checkpoint.
+    api = FakeHfApi()
+    push_to_hub(folder, "test-org/ace-vit-tiny", private=True, api=api)
+    words = shlex.split(command)
+    assert files_to_upload(Path(words[3]), [words[words.index("--exclude") + 1]]) == api.uploads[0]["files"]
+
+
+def _user_error(command: list[str], capsys: pytest.CaptureFixture) -> str:
+    """The one line `ace-hf COMMAND` exits with: sys.exit(line) is exit status 1 with the line on stderr."""
+    with pytest.raises(SystemExit) as exited:
+        ace_hf_main(command)
+    line = exited.value.code
+    assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line, line
+    assert "Traceback" not in capsys.readouterr().err
+    return line
+
+
+def _write_pngs(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        PIL.Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "line"),
+    [
+        ("org/ace test", "error: --hub_model_id 'org/ace test' is not a Hub repository id: "),
+        ("org/ace-test", f"error: --push_to_hub needs a Hub token: {TOKEN_FIX}"),
+    ],
+)
+def test_pretrain_refuses_a_push_that_cannot_work_before_training(
+    repo_id: str, line: str, tmp_path: Path, no_token, capsys
+) -> None:
+    output = tmp_path / "out"
+    command = ["pretrain", "--output_dir", str(output), "--push_to_hub", "--hub_model_id", repo_id]
+    assert _user_error(command, capsys).startswith(line)
+    assert not output.exists()
+
+
+def test_pretrain_with_a_failed_push_exits_with_the_upload_command(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    api = FakeHfApi("upload_folder", NO_NETWORK)
+    monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    config, output = tmp_path / "config", tmp_path / "out"
+    tiny_vit_config().save_pretrained(config)
+    command = [
+        "pretrain", "--train_dir", str(_write_pngs(tmp_path / "data", 8)), "--config_name", str(config),
+        "--output_dir", str(output), "--per_device_train_batch_size", "4", "--max_steps", "1",
+        "--push_to_hub", "--hub_model_id", "org/ace-test",
+    ]  # fmt: skip
+    assert _user_error(command, capsys) == (
+        "error: pushing to --hub_model_id org/ace-test failed (ConnectError: [Errno -3] Temporary failure in name "
+        f"resolution); the model is safe in {output}: upload it later with "
+        f"`hf upload org/ace-test {output} . --exclude '*/*'`"
+    )
+    assert api.tokens == ["hf_test"]  # checked before the training
+    assert AceModel.from_pretrained(output).config.hidden_size == tiny_vit_config().hidden_size
+
+
+def test_finetune_refuses_a_push_without_token_then_keeps_a_failed_push(
+    exported, tmp_path: Path, no_token, monkeypatch, capsys
+) -> None:
+    for name in ("bright", "dark"):
+        _write_pngs(tmp_path / "data" / name, 4)
+    output = tmp_path / "out"
+    command = [
+        "finetune", "--model_name_or_path", str(exported[2]), "--train_dir", str(tmp_path / "data"),
+        "--output_dir", str(output), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+        "--push_to_hub", "--hub_model_id", "org/ace-finetuned",
+    ]  # fmt: skip
+    assert _user_error(command, capsys) == f"error: --push_to_hub needs a Hub token: {TOKEN_FIX}"
+    assert not output.exists()
+
+    api = FakeHfApi("create_repo", _http_error(403, "403 Forbidden: no write access to org"))
+    monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    assert _user_error([*command, "--hub_token", "hf_test"], capsys) == (
+        "error: pushing to --hub_model_id org/ace-finetuned failed (HfHubHTTPError: 403 Forbidden: no write "
+        f"access to org); the model is safe in {output}: upload it later with "
+        f"`hf upload org/ace-finetuned {output} . --exclude '*/*'`"
+    )
+    assert (output / "model.safetensors").is_file() and (output / "eval_results.json").is_file()
+
+
+def test_the_command_exits_1_with_one_error_line_before_training(tmp_path: Path) -> None:
+    """What a user sees, from a shell: exit status 1, one `error:` line, no traceback, nothing written."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    for name in ("HF_TOKEN", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(name, None)
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "ace_hf", "pretrain", "--output_dir", str(output), "--push_to_hub",
+         "--hub_model_id", "org/ace-test"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: --push_to_hub needs a Hub token: {TOKEN_FIX}"
+    ]
+    assert "Traceback" not in result.stderr and not output.exists()
+
+
 @pytest.mark.hub
 @pytest.mark.skipif(not os.environ.get("HF_TOKEN"), reason="needs HF_TOKEN and the real Hugging Face Hub")
 def test_push_to_the_real_hub(exported) -> None:
     _, _, folder = exported
     api = HfApi(token=os.environ["HF_TOKEN"])
     repo_id = f"{api.whoami()['name']}/ace-hf-test-{uuid.uuid4().hex[:8]}"
+    check_push_target(repo_id, os.environ["HF_TOKEN"])
     try:
         push_to_hub(folder, repo_id, private=True, api=api)
         assert api.repo_info(repo_id).private

@@ -323,3 +323,13 @@ def test_importing_publishing_and_conversion_loads_neither_the_renderer_nor_the_
     assert loaded.returncode == 0, loaded.stderr
     heavy = sorted(filter(is_heavy, loaded.stdout.split()))
     assert not heavy, f"importing ace_hf.hub and ace_hf.convert loaded {heavy}"
+
+
+def test_the_package_namespace_holds_only_its_own_public_names() -> None:
+    """`import ace_hf` registers the Auto classes without leaving transformers' names in the namespace."""
+    import ace_hf
+
+    public = {name for name in vars(ace_hf) if not name.startswith("_")}
+    submodules = {name for name in public if isinstance(getattr(ace_hf, name), type(ace_hf))}
+    assert public - submodules == set(ace_hf.__all__)
+    assert not {name for name in public if name.startswith("Auto")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,17 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from PIL import Image
 from safetensors.torch import load_file
 
 from ace_hf import AceForPreTraining, AceImageProcessor
+from ace_hf import arguments as shared_arguments
 from ace_hf.arguments import parse_arguments
 from ace_hf.hub import PRETRAINING_HEADS_NAME
 from ace_hf.pretraining import PretrainingArguments
 from ace_hf.pretraining.__main__ import main
 from ace_hf.pretraining.checkpoints import checkpoint_dirs
-from ace_hf.pretraining.guard import StepGuard
+from ace_hf.pretraining.guard import RELAYED_SIGNAL_S, StepGuard, graceful_stop
 from ace_hf.pretraining.loop import build_config, build_model, parse_overrides
+from ace_hf.runs import read_run_record
 from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
 
@@ -251,6 +255,51 @@ def test_bad_files_are_skipped_counted_and_named(tmp_path, tiny_config_dir, capl
     assert "broken0.png" in caplog.text and "broken1.png" in caplog.text
 
 
+def test_each_bad_file_is_counted_once_however_often_it_is_read(tmp_path, tiny_config_dir, caplog) -> None:
+    """5 good and 3 bad files, batch 4: every file is read in each of 2 epochs (and a filler stands in for each
+    bad one); the run counts 3 files, names each once, and its checkpoints remember them."""
+    data = _write_images(tmp_path / "data", 5, bad=3)
+    extra = ("--num_train_epochs", "2", "--checkpointing_steps", "2")
+    summary = main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
+    assert summary["steps"] == 4 and summary["skipped_images"] == 3
+    assert "3 unreadable file(s) skipped" in caplog.text
+    named = [re.search(r"Skipped unreadable file (\S+) \(", r.getMessage()) for r in caplog.records]
+    assert sorted(Path(match[1]).name for match in named if match) == [f"broken{i}.png" for i in range(3)]
+    record = read_run_record(tmp_path / "out" / "checkpoints" / "step_2")
+    assert record["state"]["skipped_files"] == [str(data / f"broken{index}.png") for index in range(3)]
+
+
+def test_ctrl_c_stops_after_the_step_it_names_even_between_host_syncs(
+    tmp_path, tiny_config_dir, monkeypatch, caplog
+) -> None:
+    """One process acts on a stop request at the next step, not at the next sync (every 10 steps here); the
+    launcher passing the same Ctrl-C on as a second signal (accelerate launch, torchrun) does not abort it."""
+    data = _write_images(tmp_path / "data", 12)
+    output = tmp_path / "out"
+
+    def ctrl_c_under_a_launcher() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    _interrupt_at_update(monkeypatch, 3, ctrl_c_under_a_launcher)  # in step 3
+    summary = main(_args(data, tiny_config_dir, output, *RESUME_ARGS, "--logging_steps", "10"))
+    monkeypatch.undo()
+    assert "Stop requested: stopping after step 3 with a checkpoint" in caplog.text
+    assert summary["interrupted"] and summary["steps"] == 3
+    assert [p.name for p in checkpoint_dirs(output)] == ["step_2", "step_3"]
+
+
+def test_a_second_signal_aborts_unless_it_is_the_first_one_relayed() -> None:
+    PartialState()  # the loop's Accelerator: its logger says where the run will stop
+    with graceful_stop(lambda: 7) as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher passing the Ctrl-C on: the same request
+        assert request.step == 7 and not request.due(6) and request.due(7)
+        request.asked_at -= RELAYED_SIGNAL_S  # later, the user insists
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def _diverge_at_forward(monkeypatch, call: int) -> None:
     """Make the loss of the `call`-th pretraining forward pass NaN."""
     original_forward = AceForPreTraining.forward
@@ -280,6 +329,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config_dir, m
 def test_push_to_hub_uploads_the_export(tmp_path, tiny_config_dir, monkeypatch) -> None:
     api = FakeHfApi()
     monkeypatch.setattr("ace_hf.hub.HfApi", lambda token=None: api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the push is checked before training
     data = _write_images(tmp_path / "data", 8)
     extra = ("--max_steps", "1", "--push_to_hub", "--hub_model_id", "org/ace-test", "--hub_private_repo")
     main(_args(data, tiny_config_dir, tmp_path / "out", *extra))
@@ -298,13 +348,15 @@ def test_push_to_hub_uploads_the_export(tmp_path, tiny_config_dir, monkeypatch) 
     assert "org/ace-test" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_streaming_with_tensorboard_and_continuing_from_an_encoder(tmp_path, tiny_config_dir) -> None:
+def test_streaming_with_tensorboard_and_continuing_from_an_encoder(tmp_path, tiny_config_dir, caplog) -> None:
+    caplog.set_level(logging.INFO)
     data = _write_images(tmp_path / "data", 8)
     first = tmp_path / "first"
     extra = ("--streaming", "--max_steps", "3", "--report_to", "tensorboard", "--save_sample_ids")
     summary = main(_args(data, tiny_config_dir, first, *extra))
     assert summary["steps"] == 3
     assert list(first.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+    assert f"Logging to tensorboard in {first / 'ace-pretrain'}" in caplog.text  # the log says where
     seen = json.loads((first / "sample_ids_rank0.json").read_text())
     assert len(seen) == 12 and set(seen) <= set(range(8))
 
@@ -370,6 +422,42 @@ def test_a_nan_on_one_process_stops_every_process(tmp_path) -> None:
     assert "this process: nan" in (tmp_path / "rank0.txt").read_text()
 
 
+STOP_ON_ONE_RANK = """
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from ace_hf.pretraining.guard import CheckSchedule, StepGuard, StopRequest
+from ace_hf.pretraining.loop import TrainingState, gather_skipped_files
+
+accelerator = Accelerator()
+rank = accelerator.process_index
+checks = CheckSchedule(sync_steps=4, checkpointing_steps=0, total_steps=20)
+request = StopRequest(step=checks.next_check(5) if rank == 1 else None)  # asked in step 6, on process 1 only
+guard = StepGuard(accelerator.device)
+stopped = next(
+    step for step in range(1, 21) if checks.is_check(step) and guard.check(accelerator, request.due(step), None)
+)
+state = TrainingState(skipped_files=[["a.png", "b.png"], ["c.png", "b.png"]][rank])
+gather_skipped_files(accelerator, state)
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"stopped": stopped, "skipped": state.skipped_files}))
+accelerator.end_training()
+"""
+
+
+def test_processes_stop_at_the_same_step_and_count_each_bad_file_once(tmp_path) -> None:
+    """A stop asked on one process takes effect on all at the next check (step 8); the bad files met by either
+    process are counted once."""
+    script = tmp_path / "stop_on_one_rank.py"
+    script.write_text(STOP_ON_ONE_RANK)
+    result = _torchrun(str(script), str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert outcome == {"stopped": 8, "skipped": ["a.png", "b.png", "c.png"]}, rank
+
+
 def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir) -> None:
     data = _write_images(tmp_path / "data", 16)
     output = tmp_path / "out"
@@ -378,7 +466,10 @@ def test_two_processes_stay_in_sync_and_split_the_data(tmp_path, tiny_config_dir
         *_args(data, tiny_config_dir, output, "--num_train_epochs", "1", "--save_sample_ids"),
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "identical on all 2 process(es)" in result.stderr + result.stdout
+    assert (
+        "Every process holds the same student and teacher weights (2 processes)"
+        in result.stderr + result.stdout
+    )
     ids = [json.loads((output / f"sample_ids_rank{rank}.json").read_text()) for rank in range(2)]
     assert len(ids[0]) == len(ids[1]) == 8  # 2 steps x batch 4 on each process
     assert not set(ids[0]) & set(ids[1]), "the two processes saw the same examples"
@@ -431,7 +522,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path, tiny_config_dir) -> 
     assert "Distributed environment: DistributedType.FSDP" in sharded.stderr
     sharded_checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_2" / "pytorch_model_fsdp_0"
     assert sharded_checkpoint.is_dir(), "the checkpoint was gathered, not written as shards"
-    assert "identical on all 2 process(es)" in sharded.stderr
+    assert "Every process holds the same student and teacher weights (2 processes)" in sharded.stderr
 
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
@@ -566,3 +657,55 @@ def test_compiled_run_never_recompiles_and_matches_eager(tmp_path, tiny_config_d
     eager, compiled = (load_file(tmp_path / name / "model.safetensors") for name in ("eager", "compiled"))
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """The command's one `error:` line (after argparse's usage), with exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: ace-hf pretrain")
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--train_dir", "{tmp}/missing", "--train_dir '{tmp}/missing' is not a directory"),
+        ("--model_name_or_path", "./no-such-encoder", "--model_name_or_path ./no-such-encoder: no such file"),
+        ("--model_name_or_path", "{tmp}/no-such-encoder", "no-such-encoder: no such file or folder"),
+        ("--config_name", "no-such-config.json", "--config_name no-such-config.json: no such file or folder"),
+        (
+            "--resume_from_checkpoint",
+            "{tmp}/step_9",
+            "--resume_from_checkpoint '{tmp}/step_9' is not a checkpoint",
+        ),
+        ("--report_to", "mlflow", "--report_to/--report-to: invalid choice: 'mlflow'"),
+        ("--model_preset", "ace-vit-huge", "--model_preset/--model-preset: invalid choice: 'ace-vit-huge'"),
+    ],
+)
+def test_mistakes_are_one_error_line_before_anything_loads(
+    tmp_path, tiny_config_dir, capsys, option, value, message
+) -> None:
+    data = _write_images(tmp_path / "data", 2)
+    argv = [*_args(data, tiny_config_dir, tmp_path / "out"), option, value.format(tmp=tmp_path)]
+    assert message.format(tmp=tmp_path) in _refused(argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_training(
+    tmp_path, tiny_config_dir, capsys, monkeypatch
+) -> None:
+    """Accelerate would warn once and then log nothing for the whole run."""
+    monkeypatch.setitem(shared_arguments.TRACKERS, "wandb", lambda: False)
+    data = _write_images(tmp_path / "data", 2)
+    argv = [*_args(data, tiny_config_dir, tmp_path / "out"), "--report_to", "wandb"]
+    assert "--report_to wandb needs the wandb package: pip install wandb" in _refused(argv, capsys)
+    # The same checks hold for the dataclass itself (Python, JSON and YAML arguments skip argparse's choices).
+    with pytest.raises(ValueError, match="--model_preset 'ace-vit-huge' is not one of ace-swin-b"):
+        PretrainingArguments(model_preset="ace-vit-huge")
+    with pytest.raises(ValueError, match="--report_to 'mlflow' is not one of none, all, tensorboard, wandb"):
+        PretrainingArguments(report_to="mlflow")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ from ace_hf.runs import (
     write_run_record,
 )
 from tests.conftest import tiny_vit_config
-from tests.test_pretrain_script import RESUME_ARGS, _args, _write_images
+from tests.test_pretrain_script import RESUME_ARGS, ROOT, _args, _write_images
 
 
 def _finished_run(folder: Path) -> Path:
@@ -57,6 +60,42 @@ def test_a_folder_with_another_runs_work_is_refused_unless_resumed_or_overwritte
     assert clear_previous_run(run) == ["model.safetensors", "config.json", "checkpoints/"]
     assert not (run / "checkpoints").exists() and not (run / "model.safetensors").exists()
     check_output_dir(run, resuming=False, overwrite=False, needed_bytes=0)  # now empty: accepted
+
+
+def test_under_make_the_refusal_says_how_to_pass_the_option(tmp_path, monkeypatch) -> None:
+    run = _finished_run(tmp_path / "run")
+    monkeypatch.delenv("MAKELEVEL", raising=False)
+    with pytest.raises(OutputDirError) as refused:
+        check_output_dir(run, resuming=False, overwrite=False, needed_bytes=0)
+    assert "ARGS=" not in str(refused.value)
+    monkeypatch.setenv("MAKELEVEL", "1")
+    with pytest.raises(
+        OutputDirError, match=r'--overwrite_output_dir \(through make: ARGS="--overwrite_output_dir"\)'
+    ):
+        check_output_dir(run, resuming=False, overwrite=False, needed_bytes=0)
+
+
+@pytest.mark.skipif(
+    shutil.which("make") is None or not (ROOT / ".venv" / "bin" / "python").exists(),
+    reason="needs make and .venv",
+)
+def test_make_pretrain_passes_args_and_refuses_an_occupied_folder_in_one_line(tmp_path) -> None:
+    """`make pretrain` a second time: one error line naming the way out (and make's own note of the failure)."""
+    output = _finished_run(tmp_path / "run")
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "pretrain", f"ARGS=--output_dir {output}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"error: --output_dir {output} already holds another run's work")
+    assert 'ARGS="--overwrite_output_dir"' in errors[0]
+    assert result.stderr.splitlines()[-1].startswith("make: ***"), result.stderr  # make's own note
 
 
 def test_output_paths_are_checked_with_one_clear_line(tmp_path) -> None:
@@ -198,6 +237,23 @@ def test_resume_refuses_another_run_and_records_deliberate_changes(tmp_path, fin
     assert "steps 0-6" in card and "resumed with learning_rate 0.01 -> 0.005" in card
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, finished_run, caplog) -> None:
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    before = {
+        path: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.rglob("*") if path.is_file()
+    }
+    caplog.set_level(logging.INFO)
+    summary = _pretrain(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
+    assert f"The run in {output} is finished (step 6) and exported: nothing to do." in caplog.text
+    assert summary == json.loads((output / "training_summary.json").read_text())
+    assert "final_loss" in summary and len(summary["segments"]) == 1
+    after = {
+        path: (path.read_bytes(), path.stat().st_mtime_ns) for path in output.rglob("*") if path.is_file()
+    }
+    assert after == before
+
+
 def test_the_export_is_readable_by_colleagues(finished_run) -> None:
     done = finished_run[2]
     umask = os.umask(0)
@@ -235,3 +291,17 @@ def test_the_same_data_in_another_place_resumes(tmp_path, finished_run) -> None:
     moved = Path(shutil.copytree(data, tmp_path / "scratch" / data.name))
     summary = _pretrain(_args(moved, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
     assert summary["steps"] == 6
+
+
+def test_a_checkpoint_that_counted_skipped_reads_still_resumes(tmp_path, finished_run) -> None:
+    """Checkpoints written before bad files were counted by name hold `skipped_images` (a count of reads)."""
+    data, config_dir, done = finished_run
+    output = _copy(done, tmp_path)
+    shutil.rmtree(output / "checkpoints" / "step_6")
+    checkpoint = output / "checkpoints" / "step_4"
+    record = read_run_record(checkpoint)
+    record["state"].pop("skipped_files")
+    record["state"]["skipped_images"] = 3
+    write_run_record(checkpoint, record)
+    summary = _pretrain(_args(data, config_dir, output, *RESUME_ARGS, "--resume_from_checkpoint", "latest"))
+    assert summary["steps"] == 6 and summary["skipped_images"] == 0

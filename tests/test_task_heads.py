@@ -1,5 +1,6 @@
 """Task heads: AceForImageClassification and AceForSemanticSegmentation compute transformers' losses, load a
-pretrained ACE encoder, resolve through the Auto classes, and load as remote code without ace_hf."""
+pretrained ACE encoder, resolve through the Auto classes, and load as remote code without ace_hf (saved task
+models, and task heads around a pretraining export)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
 
-from ace_hf import AceConfig, AceForImageClassification, AceForSemanticSegmentation, AceModel
+from ace_hf import (
+    AceConfig,
+    AceForImageClassification,
+    AceForPreTraining,
+    AceForSemanticSegmentation,
+    AceImageProcessor,
+    AceModel,
+)
+from ace_hf.hub import export_pretrained
 from tests.conftest import tiny_swin_config, tiny_vit_config
 from tests.test_hub import BLOCK_ACE_HF
 
@@ -260,3 +269,84 @@ def test_task_models_load_as_remote_code_in_a_process_without_ace_hf(tmp_path: P
         }
     for name, logits in expected.items():
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), logits.numpy(), atol=1e-5)
+
+
+# Fine-tuning a pretraining export in a process without ace_hf: config.json's auto_map names the task heads.
+EXPORT_CHILD_SCRIPT = (
+    BLOCK_ACE_HF
+    + r"""
+import numpy as np
+import torch
+from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation
+
+folder, inputs, out = sys.argv[1:4]
+pixels = torch.from_numpy(np.load(inputs))
+models = {
+    "classification": AutoModelForImageClassification.from_pretrained(
+        folder, num_labels=3, problem_type="multi_label_classification", trust_remote_code=True
+    ),
+    "segmentation": AutoModelForSemanticSegmentation.from_pretrained(folder, num_labels=4, trust_remote_code=True),
+}
+facts = {}
+for name, model in models.items():
+    with torch.no_grad():
+        logits = model.eval()(pixel_values=pixels).logits
+    np.savez(f"{out}/{name}_encoder.npz", **{key: value.numpy() for key, value in model.ace.state_dict().items()})
+    facts[name] = {
+        "class": [type(model).__module__, type(model).__name__],
+        "logits": list(logits.shape),
+        "problem_type": model.config.problem_type,
+    }
+facts["ace_hf"] = sorted(name for name, module in sys.modules.items() if name.startswith("ace_hf") and module)
+with open(f"{out}/facts.json", "w") as file:
+    json.dump(facts, file)
+"""
+)
+
+
+def test_task_heads_load_from_a_pretraining_export_in_a_process_without_ace_hf(tmp_path: Path) -> None:
+    """`AutoModelFor{ImageClassification,SemanticSegmentation}.from_pretrained(export, num_labels=...,
+    trust_remote_code=True)` without ace_hf installed: the task head around the exported encoder's weights
+    (every tensor), with a new head that runs."""
+    torch.manual_seed(0)
+    pretraining = AceForPreTraining(tiny_vit_config())
+    encoder = pretraining.export_teacher()
+    folder = export_pretrained(
+        encoder,
+        AceImageProcessor.from_ace_config(encoder.config),
+        tmp_path / "export",
+        pretraining_heads=pretraining,
+    )
+    np.save(tmp_path / "pixels.npy", pixels(2).numpy())
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHILD_SCRIPT, str(folder), str(tmp_path / "pixels.npy"), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts.pop("ace_hf") == []
+    assert facts["classification"]["class"][1] == "AceForImageClassification"
+    assert facts["classification"]["problem_type"] == "multi_label_classification"
+    assert facts["classification"]["logits"] == [2, 3]
+    assert facts["segmentation"]["class"][1] == "AceForSemanticSegmentation"
+    assert facts["segmentation"]["logits"] == [2, 4, 32, 32]
+    expected = encoder.state_dict()
+    for name in ("classification", "segmentation"):
+        assert facts[name]["class"][0].startswith("transformers_modules."), facts
+        loaded = np.load(tmp_path / f"{name}_encoder.npz")
+        assert set(loaded.files) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(loaded[key], value.numpy(), err_msg=f"{name}: {key}")

@@ -1,5 +1,6 @@
 """ace_hf.visualization and ace_hf.visualize (examples/visualize.py): colours mean embeddings, similarity peaks at
-the query, maps land on the right pixels, and both pictures are written at the expected size."""
+the query, maps land on the right pixels, and both pictures are written at the expected size; each user mistake is
+one `error:` line before any model loads, and earlier pictures are kept unless --overwrite_output_dir."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ace_hf.visualization import (
 )
 from ace_hf.visualize import GeometryError, VisualizationArguments, main, visualize
 from tests.conftest import EXAMPLES, tiny_vit_config
+from tests.test_extract_features import assert_one_error_line, run_command
 
 
 def colour_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -174,22 +176,71 @@ def test_visualize_end_to_end(models_and_images, tmp_path: Path) -> None:
             assert picture.size == (width, rows * row + GAP), name
 
 
-def test_a_size_off_the_token_stride_is_one_error_line(models_and_images, tmp_path: Path) -> None:
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading any weights fails the test: proves a check ran before."""
+    monkeypatch.setattr("ace_hf.visualize.AceModel.from_pretrained", refuse_to_load)
+
+
+def test_a_size_off_the_token_stride_is_one_error_line(
+    models_and_images, tmp_path: Path, capsys: pytest.CaptureFixture, no_model_loads
+) -> None:
     with_processor, _, images = models_and_images
     argv = ["--model_name_or_path", str(with_processor), "--images", str(images / "a.png"), "--size", "20"]
-    with pytest.raises(SystemExit, match="token stride"):
-        main([*argv, "--output_dir", str(tmp_path / "bad")])
+    status, stderr = run_command(["visualize", *argv, "--output_dir", str(tmp_path / "bad")], capsys)
+    assert status == 1
+    assert_one_error_line(
+        stderr, "error: --size 20 is not a multiple of model_a's token stride 8", "size is 16 or 24"
+    )
     args = VisualizationArguments([str(with_processor)], tmp_path / "bad", images=[images], query=[40, 0])
     with pytest.raises(GeometryError, match="outside the 32 x 32 image"):
         visualize(args)
 
 
+def test_a_missing_local_model_is_a_usage_error_at_once(
+    models_and_images, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The second of two encoders is not there: usage and one error line naming it, exit 2."""
+    with_processor, _, _ = models_and_images
+    missing = tmp_path / "model_c"
+    argv = ["visualize", "--model_name_or_path", str(with_processor), str(missing), "--output_dir", "out"]
+    status, stderr = run_command(argv, capsys)
+    assert status == 2
+    assert_one_error_line(stderr, f"ace-hf visualize: error: --model_name_or_path {missing}: no such")
+
+
+def test_earlier_pictures_are_kept_unless_overwrite_output_dir(
+    models_and_images, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_processor, _, images = models_and_images
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "pca.png").write_bytes(b"an earlier picture")
+    argv = ["visualize", "--model_name_or_path", str(with_processor), "--images", str(images)]
+    argv += ["--output_dir", str(output_dir), "--device", "cpu"]
+    with monkeypatch.context() as patch:
+        patch.setattr("ace_hf.visualize.AceModel.from_pretrained", refuse_to_load)
+        status, stderr = run_command(argv, capsys)
+    assert status == 1
+    assert_one_error_line(stderr, f"error: --output_dir {output_dir} already holds earlier results (pca.png)")
+    assert (output_dir / "pca.png").read_bytes() == b"an earlier picture"
+    assert run_command([*argv, "--overwrite_output_dir"], capsys)[0] == 0
+    with PIL.Image.open(output_dir / "pca.png") as picture:
+        picture.verify()
+
+
 @pytest.mark.parametrize(
     "argv", [["--query", "5"], ["--size", "0"], ["--images", "missing.png"], ["--heldout", "0"]]
 )
-def test_bad_arguments_are_refused(argv: list[str], tmp_path: Path) -> None:
+def test_bad_arguments_are_refused(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A Hub-shaped model id passes the model check, so each refusal is the option's own."""
     with pytest.raises(SystemExit):
-        main(["--model_name_or_path", "model", "--output_dir", str(tmp_path), *argv])
+        main(["--model_name_or_path", "org/model", "--output_dir", str(tmp_path), *argv])
+    assert_one_error_line(capsys.readouterr().err, f"error: {argv[0]}")
 
 
 def test_script_smoke(models_and_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

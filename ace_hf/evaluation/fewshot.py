@@ -25,7 +25,7 @@ from ..configuration_ace import IGNORE_INDEX, AceConfig
 from ..metrics import load_metric, roc_auc
 from ..modeling_ace import AceForImageClassification, AceForSemanticSegmentation, AceModel
 from ..sampling import draw
-from .config import EvaluationConfig
+from .config import EvaluationConfig, num_test_renders
 from .heldout import HeldOutData, encode, normalize_pixels
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,27 +52,27 @@ class FewShotTask:
     valid: Callable[[torch.Tensor], bool] | None = None  # which draws of training indices the task accepts
 
 
-def num_test_renders(num_images: int, config: EvaluationConfig) -> int:
-    """How many of the first renders are held back as the few-shot test set."""
-    return max(1, round(num_images * config.test_fraction))
-
-
 def run_fewshot(
-    task: FewShotTask, encoder: AceModel, config: EvaluationConfig, progress: tqdm | None = None
+    task: FewShotTask, encoder: AceModel, config: EvaluationConfig, desc: str
 ) -> dict[str, float]:
     """The loop of every few-shot task: for each k and repeat, draw k training renders, train a fresh task
     model's linear head on their frozen embeddings and score it on the test renders; in the first
     `finetune_repeats` repeats, also fine-tune that model end to end from `encoder` (a copy: `encoder` is
-    left untouched). Returns the mean score of each (mode, k)."""
+    left untouched). Returns the mean score of each (mode, k). A progress bar `desc` counts the runs (a
+    linear head or a fine-tuning each) and says which one is under way."""
     num_test = num_test_renders(len(task.images), config)
     pool = len(task.images) - num_test
     test_features, test_labels = task.features[:num_test], task.labels[:num_test]
-    results: dict[str, float] = {}
     for k in task.shots:
         if k > pool:
             raise ValueError(f"{task.name}_shots k={k} exceeds the {pool} training renders")
+    finetuned_repeats = min(config.finetune_repeats, config.repeats) if config.finetune_steps else 0
+    progress = tqdm(total=len(task.shots) * (config.repeats + finetuned_repeats), desc=desc, unit="run")
+    results: dict[str, float] = {}
+    for k in task.shots:
         linear, finetuned = [], []
         for repeat in range(config.repeats):
+            progress.set_postfix_str(f"k={k}, draw {repeat + 1}: linear head")
             generator = torch.Generator().manual_seed(config.seed * 1000 + 10 * k + repeat + task.seed_offset)
             chosen = num_test + draw(pool, k, generator, task.valid)
             torch.manual_seed(config.seed + repeat)
@@ -83,29 +83,29 @@ def run_fewshot(
             )  # fmt: skip
             with torch.no_grad():
                 linear.append(task.score(task.head_logits(model.classifier, test_features), test_labels))
-            if progress is not None:
-                progress.update(1)
-            if config.finetune_steps and repeat < config.finetune_repeats:
+            progress.update(1)
+            if repeat < finetuned_repeats:
+                progress.set_postfix_str(f"k={k}, draw {repeat + 1}: fine-tuning")
                 logits = _finetuned_logits(
                     model, encoder, task.images[chosen], task.labels[chosen], task.images[:num_test], config,
                     generator,
                 )  # fmt: skip
                 finetuned.append(task.score(logits, test_labels))
-                if progress is not None:
-                    progress.update(1)
+                progress.update(1)
         results[f"linear_k{k}_{task.metric}"] = float(np.mean(linear))
         if finetuned:
             results[f"finetune_k{k}_{task.metric}"] = float(np.mean(finetuned))
+    progress.close()
     return results
 
 
 def segmentation_fewshot(
-    encoder: AceModel, data: HeldOutData, config: EvaluationConfig, progress: tqdm | None = None
+    encoder: AceModel, data: HeldOutData, config: EvaluationConfig, desc: str = "few-shot segmentation"
 ) -> dict[str, float]:
     """Anatomy segmentation (background + groups) from k labelled radiographs: a linear head on frozen patch
     embeddings ("linear") and full fine-tuning ("finetune"); mean IoU on the held-out test renders."""
     num_labels = len(data.info["anatomy_labels"])
-    dense, _ = encode(encoder, data.images, config.batch_size)
+    dense, _ = encode(encoder, data.images, config.batch_size, desc=f"{desc}: encoding")
     step = max(1, encoder.config.token_stride // 4)
 
     def head_logits(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -128,17 +128,17 @@ def segmentation_fewshot(
         head_logits=head_logits,
         score=lambda logits, masks: segmentation_scores(logits.argmax(1), masks, num_labels),
     )
-    return run_fewshot(task, encoder, config, progress)
+    return run_fewshot(task, encoder, config, desc)
 
 
 def classification_fewshot(
-    encoder: AceModel, data: HeldOutData, config: EvaluationConfig, progress: tqdm | None = None
+    encoder: AceModel, data: HeldOutData, config: EvaluationConfig, desc: str = "few-shot findings"
 ) -> dict[str, float]:
     """Findings (multi-label) from k labelled radiographs: a linear probe on the frozen global embedding
     (logistic regression on standardized features) and full fine-tuning; macro ROC-AUC on the test renders."""
     labels = data.findings
     num_test = num_test_renders(len(data.images), config)
-    _, pooled = encode(encoder, data.images, config.batch_size)
+    _, pooled = encode(encoder, data.images, config.batch_size, desc=f"{desc}: encoding")
     mean, std = pooled[num_test:].mean(0), pooled[num_test:].std(0).clamp(min=1e-6)
     train_labels = labels[num_test:]
 
@@ -168,7 +168,7 @@ def classification_fewshot(
         score=lambda logits, references: float(roc_auc(logits, references)["roc_auc"]),
         valid=both_classes,
     )
-    return run_fewshot(task, encoder, config, progress)
+    return run_fewshot(task, encoder, config, desc)
 
 
 def segmentation_scores(predictions: torch.Tensor, references: torch.Tensor, num_labels: int) -> float:
@@ -246,7 +246,7 @@ def _finetune(
     )
     model.train()
     device = model.device
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="fine-tuning", unit="step", leave=False):
         batch = torch.randperm(len(images), generator=generator)[:batch_size]
         pixels = normalize_pixels(images[batch], model.config).to(device)
         loss = model(pixel_values=pixels, labels=labels[batch].to(device)).loss

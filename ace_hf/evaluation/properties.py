@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..correspondence_ace import correspondence_targets
 from ..image_processing_ace import AceImageProcessor
@@ -50,13 +51,16 @@ def _unit(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.flatten(2).transpose(1, 2).double(), dim=-1)
 
 
-def anatomical_matching(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def anatomical_matching(
+    features: torch.Tensor, labels: torch.Tensor, desc: str | None = None
+) -> dict[str, float]:
     """Cross-radiograph patch matching: for every labelled patch of image i and every other image j in which
     its structure is visible, does the cosine-nearest patch of j carry the same structure label?
 
     Args:
         features: [N, C, h, w] dense embeddings.
         labels: [N, h, w] structure per patch (-1: none).
+        desc: a progress bar over the query images, with this description (None: no bar).
     Returns:
         balanced_accuracy (mean over structures of the per-structure hit rate), accuracy, chance (the
         balanced hit rate of a uniformly random patch of j), position_only (the balanced accuracy of guessing
@@ -65,7 +69,7 @@ def anatomical_matching(features: torch.Tensor, labels: torch.Tensor) -> dict[st
     """
     tokens, flat = _unit(features), labels.flatten(1)
     predictions, references, chance, same_place = [], [], [], []
-    for i in range(len(tokens)):
+    for i in tqdm(range(len(tokens)), desc=desc, disable=desc is None, unit="image"):
         for j in range(len(tokens)):
             if i == j:
                 continue
@@ -95,7 +99,11 @@ def anatomical_matching(features: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 
 def landmark_matching(
-    features: torch.Tensor, landmarks: torch.Tensor, stride: int, margin: float | None = None
+    features: torch.Tensor,
+    landmarks: torch.Tensor,
+    stride: int,
+    margin: float | None = None,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """Landmark matching across radiographs with exact ground truth from the render geometry.
 
@@ -108,6 +116,7 @@ def landmark_matching(
         features: [N, C, h, w] dense embeddings of images whose pixels map 1:1 onto `landmarks`.
         landmarks: [N, P, 2] (row, col) in pixels, pixel centres at integers.
         stride: pixels per token.
+        desc: a progress bar over the query images, with this description (None: no bar).
     Returns:
         median and mean error in pixels, pck (share of errors within one token stride), the same errors
         for a position-only guess ("same pixel as in image i") as a reference, and the number of pairs.
@@ -130,7 +139,7 @@ def landmark_matching(
     queries = F.grid_sample(features.double(), (grid * 2 - 1)[:, None].double(), align_corners=False)[:, :, 0]
     queries = F.normalize(queries.transpose(1, 2), dim=-1)  # [N, P, C]
     errors, baseline = [], []
-    for i in range(n):
+    for i in tqdm(range(n), desc=desc, disable=desc is None, unit="image"):
         for j in range(n):
             both = inside[i] & inside[j]
             if i == j or not both.any():
@@ -165,16 +174,18 @@ def small_to_large_token(view_origins: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def view_correspondence(
-    model: AceModel, images: torch.Tensor, seed: int, batch_size: int = 16
+    model: AceModel, images: torch.Tensor, seed: int, batch_size: int = 16, desc: str | None = None
 ) -> dict[str, float]:
     """ACE's own task on held-out radiographs: for each small-view token inside the overlap, is the
-    cosine-nearest large-view token the one over the same cells? Views without photometric augmentation."""
+    cosine-nearest large-view token the one over the same cells? Views without photometric augmentation.
+    `desc`: a progress bar over the batches, with this description (None: no bar)."""
     config = model.config
     processor = AceImageProcessor.from_ace_config(config)
     hits, total = 0, 0
     generator = torch.Generator().manual_seed(seed)
     n = config.view_tokens
-    for start in range(0, len(images), batch_size):
+    batches = range(0, len(images), batch_size)
+    for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
         views = processor.sample_views(
             list(images[start : start + batch_size]), do_augment=False, generator=generator
         )

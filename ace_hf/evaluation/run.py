@@ -10,6 +10,17 @@ architecture at random initialization, the baseline a pretrained encoder must be
 adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A single
 .json or .yaml file of options can stand for the command line.
 
+Time, measured on the project's 2-core CPU for an ace-vit-tiny export (320 px renders): the first run renders
+the 64 + 120 held-out radiographs (about 2 minutes, 0.6 s each; cached in --cache_dir, by default
+HF_DATASETS_CACHE/ace_hf), then each column takes about 70 s (few-shot segmentation with fine-tuning 40 s,
+findings 17 s, matching 8 s): the default `--random_init` command takes about 4.5 minutes the first time and 2.5
+after. The same command took 21 minutes while other jobs shared the CPU. `--quick` renders 24 + 48 radiographs
+(45 s, once) and takes about 5 s per column. Larger encoders and renders (ace-vit-b renders 1024 px) take far
+longer on a CPU (not measured); each task's progress bar shows its rate and the time left.
+
+An --output_dir that already holds results is refused unless --overwrite_output_dir; a missing model folder or a
+few-shot k the renders cannot supply is one `error:` line before anything loads or renders.
+
 Training-side module: never imported by the files that travel to the Hub.
 """
 
@@ -24,13 +35,24 @@ from typing import Any
 
 import torch
 
-from ..arguments import parse_arguments
+from ..arguments import (
+    ModelSourceError,
+    check_model_source,
+    check_results_folder,
+    parse_arguments,
+    read_model_config,
+    run_or_exit,
+)
+from ..configuration_ace import AceConfig
 from ..modeling_ace import AceModel
-from .config import EvaluationConfig
+from ..runs import OutputDirError
+from .config import EvaluationConfig, ShotsError, check_shots
 from .report import results_markdown
 from .suite import evaluate_encoder
 
 logger = logging.getLogger(__name__)
+
+RESULTS = ("results.json", "results.md")
 
 
 @dataclass
@@ -59,20 +81,27 @@ class EvaluationArguments:
         default="cuda" if torch.cuda.is_available() else "cpu",
         metadata={"help": "Device of the encoders (default: cuda when available)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace the results an earlier evaluation left in --output_dir."}
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ValueError("--model_name_or_path is required (one or more encoders)")
         if self.names and len(self.names) != len(self.model_name_or_path):
             raise ValueError(f"--names needs one name per --model_name_or_path, got {self.names}")
+        for path in self.model_name_or_path:
+            check_model_source(path, "--model_name_or_path")
 
 
 def load_encoders(args: EvaluationArguments, seed: int) -> dict[str, AceModel]:
     """The encoders to compare, by column name; the random-init baseline is seeded like pretraining."""
     names = args.names or args.model_name_or_path
+    # Every config first: a source that cannot be read fails before any weights load.
+    configs = [read_model_config(path, "--model_name_or_path", AceConfig) for path in args.model_name_or_path]
     encoders = {
-        name: AceModel.from_pretrained(path)
-        for name, path in zip(names, args.model_name_or_path, strict=True)
+        name: AceModel.from_pretrained(path, config=config)
+        for name, path, config in zip(names, args.model_name_or_path, configs, strict=True)
     }
     config = next(iter(encoders.values())).config
     if args.random_init_seeds:
@@ -103,7 +132,14 @@ def warn_if_pretrained_under_another_torch(paths: list[str]) -> None:
 
 def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[str, dict[str, Any]]:
     """Evaluate every encoder with the same crops and draws; writes results.json and results.md to
-    `args.output_dir` and returns the results by column name (each with its wall time)."""
+    `args.output_dir` and returns the results by column name (each with its wall time).
+
+    Raises, before anything loads or renders: OutputDirError (--output_dir holds earlier results or is
+    unusable), ShotsError (a few-shot k the renders cannot supply), ModelSourceError (a model's config cannot
+    be read)."""
+    output_dir = Path(args.output_dir)
+    check_results_folder(output_dir, RESULTS, "--output_dir", args.overwrite_output_dir)
+    check_shots(config)
     results, wall_times = {}, {}
     for name, encoder in load_encoders(args, config.seed).items():
         logger.info(f"Evaluating {name}")
@@ -111,8 +147,6 @@ def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[
         results[name] = evaluate_encoder(encoder.to(args.device), config)
         wall_times[name] = round(time.perf_counter() - start, 1)
         results[name]["wall_time_s"] = wall_times[name]
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(results_markdown(results))
     logger.info(f"Wrote {output_dir / 'results.md'} and results.json (wall times: {wall_times})")
@@ -128,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Parse the arguments, run the evaluation and print the Markdown table."""
     args, config = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    results = run_evaluation(args, config)
+    results = run_or_exit(
+        lambda: run_evaluation(args, config), (OutputDirError, ShotsError, ModelSourceError)
+    )
     print(results_markdown(results))
     return results

@@ -1,4 +1,5 @@
-"""Every option of a fine-tuning run, and the refusal of contradictory ones before any data is read.
+"""Every option of a fine-tuning run, and the refusal of contradictory options and missing paths before any data
+or model is read (argparse's usage and one `error:` line, exit code 2).
 
 Training-side module: never imported by the files that travel to the Hub.
 """
@@ -6,8 +7,10 @@ Training-side module: never imported by the files that travel to the Hub.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to, parse_size
 from ..configuration_ace import IGNORE_INDEX
 
 # Default `metric_for_best_model` per kind of task; every one of them is better when higher.
@@ -24,6 +27,20 @@ class FinetuningArguments:
 
     # model
     model_name_or_path: str = field(metadata={"help": "An ACE encoder folder or Hub id."})
+    size: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model input size, N or HxW pixels, multiples of the token stride (default: the processor's "
+            "own); the fine-tuned model's processor keeps it."
+        },
+    )
+    resize_mode: Literal["resize", "shortest_edge_crop", "pad"] | None = field(
+        default=None,
+        metadata={
+            "help": "How images meet the size: resize stretches, pad and shortest_edge_crop keep the aspect "
+            "ratio (default: the processor's own; segmentation needs resize)."
+        },
+    )
     freeze_encoder: bool = field(default=False, metadata={"help": "Train the head only (linear probing)."})
     # task
     task: Literal["classification", "segmentation"] = field(
@@ -80,8 +97,28 @@ class FinetuningArguments:
     output_dir: str = field(
         default="outputs/ace-finetune", metadata={"help": "Where the best epoch's model and scores go."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the model and checkpoints of another run in --output_dir (refused otherwise)."
+        },
+    )
     num_train_epochs: int = field(
         default=10, metadata={"help": "Passes over the train set, each one validated."}
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train this many optimizer steps instead (overrides --num_train_epochs); validated at each "
+            "epoch's end and at the last step."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a run from a checkpoint folder, or 'latest' in --output_dir/checkpoints (one is "
+            "saved at each epoch's end)."
+        },
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(
@@ -105,6 +142,14 @@ class FinetuningArguments:
     seed: int = field(
         default=0, metadata={"help": "Seeds the held-out validation set, the few-shot draw and training."}
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Log the losses and validation scores to tensorboard or wandb (all: every installed one), "
+            "in --output_dir.",
+            "choices": REPORT_TO_CHOICES,
+        },
+    )
     # the Hub
     push_to_hub: bool = field(
         default=False, metadata={"help": "Upload the best model and its card to the Hub."}
@@ -119,7 +164,7 @@ class FinetuningArguments:
     )
 
     def __post_init__(self) -> None:
-        """Refuse contradictory options before any data is read."""
+        """Refuse contradictory options, then paths that are not there, before any data or model is read."""
         sources = [name for name in ("train_dir", "dataset_name", "train_csv") if getattr(self, name)]
         if len(sources) != 1:
             raise ValueError("pass exactly one of --train_dir, --dataset_name, --train_csv")
@@ -137,10 +182,36 @@ class FinetuningArguments:
             raise ValueError("--shots_per_class must be >= 1 and excludes --train_fraction")
         if not 0 < self.train_fraction <= 1 or not 0 < self.validation_fraction < 1:
             raise ValueError("--train_fraction must be in (0, 1] and --validation_fraction in (0, 1)")
-        if self.num_train_epochs < 1:
-            raise ValueError("--num_train_epochs must be >= 1")
+        if self.num_train_epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("--num_train_epochs and --max_steps must be >= 1")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.size is not None:
+            parse_size(self.size)  # a malformed size fails with the arguments; the stride is checked at load
+        if self.task == "segmentation" and self.resize_mode not in (None, "resize"):
+            raise ValueError(
+                f"--task segmentation needs --resize_mode resize: masks are stretched to the input, so images "
+                f"fitted by {self.resize_mode} would not line up with them"
+            )
+        check_report_to(self.report_to)
+        self.check_paths()
+
+    def check_paths(self) -> None:
+        """Each local path option names something that is there: a typo costs one line, not a model download
+        attempt or a crash halfway through reading the data."""
+        check_model_source(self.model_name_or_path, "--model_name_or_path")
+        for option, value, is_there, kind in (
+            ("--train_dir", self.train_dir, Path.is_dir, "folder"),
+            ("--train_csv", self.train_csv, Path.is_file, "file"),
+            ("--validation_csv", self.validation_csv, Path.is_file, "file"),
+        ):
+            if value and not is_there(Path(value)):
+                raise ValueError(f"{option} {value}: no such {kind}")
+        resume = self.resume_from_checkpoint
+        if resume and resume != "latest" and not Path(resume).is_dir():
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: no such checkpoint folder (or pass 'latest')"
+            )
 
     @property
     def task_kind(self) -> str:

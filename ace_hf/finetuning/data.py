@@ -1,6 +1,9 @@
 """Fine-tuning data: every source (CSV, image folder, Hub dataset) becomes a `datasets.Dataset` with an undecoded
 `image` and a `labels` (or `mask`) column, checked, split and subsampled in an order that keeps validation
-fixed; `Collator` turns examples into model batches.
+fixed; `Collator` turns examples into model batches with the encoder's image processor (`load_processor`).
+
+A mistake in the data (a missing file or column, a label out of range, too few examples) is a `DataError`,
+raised before the model loads: `ace-hf finetune` shows it as one `error:` line.
 
 Training-side module: never imported by the files that travel to the Hub.
 """
@@ -19,13 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from datasets.data_files import EmptyDatasetError
+from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 from tqdm.auto import tqdm
+from transformers import AutoImageProcessor
+from transformers.image_processing_utils import BaseImageProcessor
 
-from ..image_io import decode_image, load_or_skip
+from ..arguments import check_size, parse_size, read_model_config
+from ..image_io import decode_image, example_name, load_or_skip
 from ..sampling import draw
 from .arguments import FinetuningArguments
 
 logger = get_logger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot train this task as asked (a missing file or column, a label out of range, too few
+    examples of a class): the user's to fix, so the command shows one line rather than a traceback."""
 
 
 @dataclass
@@ -36,10 +49,28 @@ class TaskData:
     skipped: list[str]
 
 
+def load_processor(args: FinetuningArguments) -> BaseImageProcessor:
+    """The encoder's image processor, at --size / --resize_mode when given (the fine-tuned model's processor
+    keeps them). Checked before the model loads: the size against the token stride (SizeError), the model
+    folder or Hub id (ModelSourceError), and for segmentation a resize mode that keeps masks aligned."""
+    config = read_model_config(args.model_name_or_path, "--model_name_or_path")
+    overrides: dict[str, Any] = {"resize_mode": args.resize_mode} if args.resize_mode else {}
+    if args.size is not None:
+        overrides["size"] = parse_size(args.size)
+        check_size(overrides["size"], config.token_stride)
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path, **overrides)
+    if args.task == "segmentation" and getattr(processor, "resize_mode", "resize") != "resize":
+        raise DataError(
+            f"Segmentation masks are resized by plain stretching, but the image processor's resize_mode is "
+            f"{processor.resize_mode!r}: images and masks would not line up. Pass --resize_mode resize."
+        )
+    return processor
+
+
 def require_columns(available: list[str], needed: list[str], source: str) -> None:
     missing = [column for column in needed if column not in available]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source} has no column(s) {', '.join(map(repr, missing))}; its columns: {available}"
         )
 
@@ -52,24 +83,23 @@ def source_columns(args: FinetuningArguments) -> tuple[list[str], list[str]]:
     return [args.image_column], labels
 
 
-def read_csv(path: str, args: FinetuningArguments) -> datasets.Dataset:
-    """A CSV's needed columns; its file paths resolved against the CSV's folder and checked to exist."""
+def read_csv(path: str, option: str, args: FinetuningArguments) -> datasets.Dataset:
+    """The needed columns of the CSV `option` names; its file paths resolved against the CSV's folder and
+    checked to exist."""
     csv_path = Path(path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"CSV file {path!r} not found")
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
     file_columns, label_columns = source_columns(args)
-    require_columns(list(reader.fieldnames or []), file_columns + label_columns, f"CSV {path!r}")
+    require_columns(list(reader.fieldnames or []), file_columns + label_columns, f"{option} {path}")
     if not rows:
-        raise ValueError(f"CSV {path!r} has no rows")
+        raise DataError(f"{option} {path} has no rows")
     for column in file_columns:
         for line, row in enumerate(rows, start=2):  # line 1 is the header
             row[column] = str(csv_path.parent / row[column])  # an absolute path stays as it is
             if not Path(row[column]).is_file():
-                raise FileNotFoundError(
-                    f"CSV {path!r}, line {line}, column {column!r}: file {row[column]!r} does not exist"
+                raise DataError(
+                    f"{option} {path}, line {line}, column {column!r}: file {row[column]!r} does not exist"
                 )
     return datasets.Dataset.from_list([{c: row[c] for c in file_columns + label_columns} for row in rows])
 
@@ -77,17 +107,12 @@ def read_csv(path: str, args: FinetuningArguments) -> datasets.Dataset:
 def load_splits(args: FinetuningArguments) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The raw train split and the validation split if the source has one, image columns undecoded."""
     if args.train_csv:
-        train = read_csv(args.train_csv, args)
-        validation = read_csv(args.validation_csv, args) if args.validation_csv else None
+        train = read_csv(args.train_csv, "--train_csv", args)
+        validation = read_csv(args.validation_csv, "--validation_csv", args) if args.validation_csv else None
     else:
-        if args.train_dir:
-            if not Path(args.train_dir).is_dir():
-                raise ValueError(f"--train_dir {args.train_dir!r} is not a directory")
-            splits = datasets.load_dataset("imagefolder", data_dir=args.train_dir)
-        else:
-            splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        splits = load_folder_or_hub_dataset(args)
         if args.train_split_name not in splits:
-            raise ValueError(f"No split {args.train_split_name!r} in the data; splits: {list(splits)}")
+            raise DataError(f"No split {args.train_split_name!r} in the data; splits: {list(splits)}")
         train, validation = splits[args.train_split_name], splits.get(args.validation_split_name)
     file_columns, label_columns = source_columns(args)
     for name, split in (("train", train), ("validation", validation)):
@@ -95,6 +120,20 @@ def load_splits(args: FinetuningArguments) -> tuple[datasets.Dataset, datasets.D
             require_columns(split.column_names, file_columns + label_columns, f"The {name} split")
     train = undecoded(train, file_columns)
     return train, None if validation is None else undecoded(validation, file_columns)
+
+
+def load_folder_or_hub_dataset(args: FinetuningArguments) -> datasets.DatasetDict:
+    """--train_dir as an imagefolder, or the Hub dataset --dataset_name; DataError naming the option when it
+    holds no images or does not exist."""
+    option, value = (
+        ("--train_dir", args.train_dir) if args.train_dir else ("--dataset_name", args.dataset_name)
+    )
+    try:
+        if args.train_dir:
+            return datasets.load_dataset("imagefolder", data_dir=args.train_dir)
+        return datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    except (DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError) as error:
+        raise DataError(f"{option} {value}: {error}") from None
 
 
 def undecoded(dataset: datasets.Dataset, columns: list[str]) -> datasets.Dataset:
@@ -143,9 +182,7 @@ def multi_label_encoder(columns: list[str]) -> Callable[[dict[str, Any]], dict[s
             except (TypeError, ValueError):  # an empty cell or a word
                 value = math.nan
             if value not in (0.0, 1.0):
-                raise ValueError(
-                    f"Multi-label column {column!r} holds {example[column]!r}; it must be 0 or 1"
-                )
+                raise DataError(f"Multi-label column {column!r} holds {example[column]!r}; it must be 0 or 1")
             values.append(value)
         return {"labels": values}
 
@@ -166,39 +203,59 @@ def label_map(value: Any) -> np.ndarray:
 
 
 def drop_unreadable(
-    dataset: datasets.Dataset, processor: Any, split: str
-) -> tuple[datasets.Dataset, list[str]]:
+    dataset: datasets.Dataset, processor: Any, split: str, ignore_index: int
+) -> tuple[datasets.Dataset, list[str], tuple[int, str]]:
     """Decode every image (and mask) once, so that a corrupt file is dropped here, named, instead of crashing
-    a batch mid-epoch, and few-shot draws only pick usable examples."""
+    a batch mid-epoch, and few-shot draws only pick usable examples. Also returns the largest class value of
+    the masks (ignore_index aside) and a mask holding it, (-1, "") without masks: what the class names are
+    checked against."""
 
     def windowed(value: Any) -> torch.Tensor:
         return processor.to_unit_float(decode_image(value))
 
-    keep, skipped = [], []
+    keep, skipped, largest = [], [], (-1, "")
     for index, example in enumerate(tqdm(dataset, desc=f"Checking {split} images", leave=False)):
         _, problem = load_or_skip(example["image"], index, windowed)
         if problem is None and "mask" in example:
-            _, problem = load_or_skip(example["mask"], index, label_map)
+            mask, problem = load_or_skip(example["mask"], index, label_map)
+            if problem is None:
+                largest = max(
+                    largest, largest_class(mask, example_name(example["mask"], index), ignore_index)
+                )
         if problem is None:
             keep.append(index)
         else:
             skipped.append(problem)
     if not keep:
-        raise ValueError(f"No readable example in the {split} split; first problem: {skipped[0]}")
-    return dataset.select(keep), skipped
+        raise DataError(f"No readable example in the {split} split; first problem: {skipped[0]}")
+    return dataset.select(keep), skipped, largest
 
 
-def segmentation_names(args: FinetuningArguments, splits: list[datasets.Dataset]) -> list[str]:
-    """--label_names, or class_0 ... class_N for the largest label found in the masks (ignore_index aside)."""
-    if args.label_names:
-        return args.label_names.split(",")
-    logger.info("Scanning the masks for the number of classes (pass --label_names to skip this).")
-    largest = 0
-    for split in splits:
-        for value in tqdm(split["mask"], desc="Scanning masks", leave=False):
-            labels = np.unique(label_map(value))
-            largest = max(largest, int(labels[labels != args.ignore_index].max(initial=0)))
-    return [f"class_{index}" for index in range(largest + 1)]
+def largest_class(mask: np.ndarray, name: str, ignore_index: int) -> tuple[int, str]:
+    """(the largest class value in `mask`, ignore_index aside, or -1; `name`); DataError for a negative one."""
+    labels = np.unique(mask)
+    labels = labels[labels != ignore_index]
+    if labels.size and labels[0] < 0:
+        raise DataError(
+            f"Mask {name} holds the value {labels[0]}: class values start at 0 (--ignore_index "
+            f"{ignore_index} marks the pixels to leave out)"
+        )
+    return int(labels.max(initial=-1)), name
+
+
+def segmentation_names(args: FinetuningArguments, largest: tuple[int, str]) -> list[str]:
+    """--label_names, or class_0 ... class_N for the largest class value of the masks; DataError when a mask
+    holds a value --label_names has no name for (the loss would index past the head's classes)."""
+    value, mask = largest
+    if not args.label_names:
+        return [f"class_{index}" for index in range(max(value, 0) + 1)]
+    names = args.label_names.split(",")
+    if value >= len(names):
+        raise DataError(
+            f"Mask {mask} holds the class value {value}, but --label_names names {len(names)} classes (values 0 "
+            f"to {len(names) - 1}; --ignore_index {args.ignore_index} marks the pixels to leave out)"
+        )
+    return names
 
 
 def hold_out_validation(
@@ -224,7 +281,7 @@ def few_shot_indices(labels: np.ndarray, names: list[str], k: int, generator: to
     for column, name in enumerate(names):
         candidates = [i for i in np.flatnonzero(labels[:, column]) if i not in chosen]
         if len(candidates) < k:
-            raise ValueError(
+            raise DataError(
                 f"--shots_per_class {k}: class {name!r} has only {len(candidates)} training example(s) left"
             )
         chosen += [int(candidates[i]) for i in draw(len(candidates), k, generator)]
@@ -246,26 +303,23 @@ def subsample(train: datasets.Dataset, args: FinetuningArguments, names: list[st
 
 def prepare_data(args: FinetuningArguments, processor: Any) -> TaskData:
     """Load, label, check, split and subsample the data, in an order that keeps validation fixed."""
-    if args.task == "segmentation" and getattr(processor, "resize_mode", "resize") != "resize":
-        raise ValueError(
-            f"Segmentation masks are resized by plain stretching, but the image processor's resize_mode is "
-            f"{processor.resize_mode!r}: images and masks would not line up. Save the processor with "
-            "resize_mode='resize' for segmentation."
-        )
     train, validation = load_splits(args)
     raw_splits = [split for split in (train, validation) if split is not None]
     names = class_names(args, raw_splits) if args.task == "classification" else []
-    train, skipped = drop_unreadable(encode_labels(train, args, names), processor, "train")
+    train, skipped, largest = drop_unreadable(
+        encode_labels(train, args, names), processor, "train", args.ignore_index
+    )
     if validation is None:
         logger.info(f"No validation split: holding out {args.validation_fraction:.0%} of the train set.")
         train, validation = hold_out_validation(train, args)
     else:
-        validation, skipped_validation = drop_unreadable(
-            encode_labels(validation, args, names), processor, "validation"
+        validation, skipped_validation, largest_validation = drop_unreadable(
+            encode_labels(validation, args, names), processor, "validation", args.ignore_index
         )
         skipped += skipped_validation
+        largest = max(largest, largest_validation)
     if args.task == "segmentation":
-        names = segmentation_names(args, [train, validation])
+        names = segmentation_names(args, largest)
     return TaskData(subsample(train, args, names), validation, names, skipped)
 
 

@@ -4,13 +4,21 @@ It is written out with Accelerate, as in the pretraining loop and accelerate's c
 than hidden in transformers' Trainer, so that encoder freezing, per-epoch evaluation and best-model selection
 read top to bottom in one file.
 
+A run never writes over another run's model: an --output_dir holding one is refused unless
+--overwrite_output_dir. At each epoch's end the training state (weights, optimizer, schedule, random states and
+the best epoch so far) is saved with Accelerate's save_state into --output_dir/checkpoints (the last one is
+kept), and --resume_from_checkpoint continues from it as the uninterrupted run would have: each epoch's
+shuffling is seeded by --seed and the epoch alone.
+
 Training-side module: never imported by the files that travel to the Hub.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +28,45 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import (
-    AutoImageProcessor,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
     PreTrainedModel,
     get_scheduler,
 )
 
-from ..hub import push_to_hub
+from ..hub import check_push_target, push_to_hub
 from ..optimization import parameter_groups
+from ..pretraining.checkpoints import resolve_checkpoint, save_checkpoint
+from ..runs import (
+    RunMismatchError,
+    check_output_dir,
+    clear_previous_run,
+    fingerprint_differences,
+    normal_file_permissions,
+    read_run_record,
+    run_fingerprint,
+)
 from .arguments import FinetuningArguments
 from .card import write_model_card
-from .data import Collator, TaskData, label_counts, prepare_data
+from .data import Collator, TaskData, label_counts, load_processor, prepare_data
 from .metrics import format_metrics, improved, task_metrics
 
 logger = get_logger(__name__)
+
+RESULTS_FILE = "eval_results.json"
+# What save_best writes (safetensors writes its file 0600: given the normal permissions afterwards).
+SAVED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", RESULTS_FILE)
+# Checkpoints kept in --output_dir/checkpoints: the last epoch's, to resume from.
+CHECKPOINTS_KEPT = 1
+
+
+@dataclass
+class RunState:
+    """Where a run stands after an epoch: what its checkpoint records and what a resumed run starts from."""
+
+    epoch: int = 0
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model(args: FinetuningArguments, names: list[str]) -> PreTrainedModel:
@@ -55,16 +87,16 @@ def build_model(args: FinetuningArguments, names: list[str]) -> PreTrainedModel:
 
 
 def make_dataloaders(
-    data: TaskData, collator: Collator, args: FinetuningArguments
+    data: TaskData, collator: Collator, args: FinetuningArguments, shuffling: torch.Generator
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Shuffled training batches (order fixed by --seed) and in-order validation batches."""
+    """Training batches shuffled by `shuffling` (seeded anew each epoch) and in-order validation batches."""
     train = torch.utils.data.DataLoader(
         data.train,
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         collate_fn=collator,
         num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=shuffling,
     )
     validation = torch.utils.data.DataLoader(
         data.validation,
@@ -85,14 +117,16 @@ def set_train_mode(model: torch.nn.Module, frozen: torch.nn.Module | None) -> No
 def train_epoch(
     model: torch.nn.Module,
     dataloader: torch.utils.data.DataLoader,
+    steps: int,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     progress: tqdm,
 ) -> float:
-    """One pass over the training batches; returns the mean training loss (over batches and processes)."""
+    """`steps` training batches: the whole epoch, or its start in the last epoch of a --max_steps run. Returns
+    the mean training loss (over batches and processes)."""
     loss_sum = torch.zeros((), device=accelerator.device)
-    for batch in dataloader:
+    for batch in itertools.islice(dataloader, steps):
         loss = model(**batch).loss
         accelerator.backward(loss)
         optimizer.step()
@@ -100,7 +134,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()  # summed on the device: no GPU sync per step
         progress.update(1)
-    return accelerator.reduce(loss_sum, "mean").item() / len(dataloader)
+    return accelerator.reduce(loss_sum, "mean").item() / steps
 
 
 @torch.no_grad()
@@ -159,7 +193,8 @@ def save_best(
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        (output_dir / "eval_results.json").write_text(json.dumps(json_safe(results), indent=2))
+        (output_dir / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=2))
+        normal_file_permissions(output_dir, SAVED_FILES)
 
 
 def publish(output_dir: Path, args: FinetuningArguments, best: dict[str, Any]) -> None:
@@ -176,15 +211,118 @@ def publish(output_dir: Path, args: FinetuningArguments, best: dict[str, Any]) -
         logger.info(f"Pushed {output_dir} to {url}")
 
 
+def run_bytes(model_name_or_path: str) -> int:
+    """About what the best model and one checkpoint (weights and AdamW's two moments) take on disk: four times
+    the encoder's weights when it is a local folder; a Hub model's size is not known before it downloads (0)."""
+    folder = Path(model_name_or_path).expanduser()
+    return 4 * sum(path.stat().st_size for path in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
+def prepare_output_dir(accelerator: Accelerator, args: FinetuningArguments, output_dir: Path) -> Path | None:
+    """Refuse (OutputDirError) a folder holding another run's model or checkpoints unless this run resumes from
+    it or --overwrite_output_dir clears them; returns the checkpoint to resume from, if any."""
+    resume_from = args.resume_from_checkpoint
+    checkpoint = resolve_checkpoint(resume_from, output_dir) if resume_from else None
+    if resume_from and checkpoint is None:
+        logger.info(f"No checkpoint in {output_dir / 'checkpoints'} yet: starting from scratch.")
+    check_output_dir(
+        output_dir,
+        resuming=checkpoint is not None,
+        overwrite=args.overwrite_output_dir,
+        needed_bytes=run_bytes(args.model_name_or_path),
+        inputs={
+            "--model_name_or_path": args.model_name_or_path,
+            "--train_dir": args.train_dir,
+            "--train_csv": args.train_csv,
+            "--validation_csv": args.validation_csv,
+        },
+    )
+    if args.overwrite_output_dir and checkpoint is None and accelerator.is_main_process:
+        removed = clear_previous_run(output_dir)
+        if (output_dir / RESULTS_FILE).exists():  # scores of the model just removed
+            (output_dir / RESULTS_FILE).unlink()
+            removed.append(RESULTS_FILE)
+        if removed:
+            logger.warning(
+                f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} in {output_dir}"
+            )
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def fingerprint_of(
+    args: FinetuningArguments,
+    names: list[str],
+    facts: dict[str, Any],
+    steps_per_epoch: int,
+    num_processes: int,
+) -> dict[str, Any]:
+    """What makes a checkpoint this run's: the model and its input, the task and its data, and what sets the
+    steps (a longer schedule may continue a run: more epochs or steps are not in it)."""
+    return run_fingerprint(
+        model=args.model_name_or_path,
+        size=args.size,
+        resize_mode=args.resize_mode,
+        freeze_encoder=args.freeze_encoder,
+        task=args.task_kind,
+        labels=names,
+        data=facts,
+        batch_size=args.per_device_train_batch_size,
+        num_processes=num_processes,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+
+
+def resume(
+    accelerator: Accelerator, checkpoint: Path | None, fingerprint: dict[str, Any], total_steps: int
+) -> RunState:
+    """Load the checkpoint into the prepared model, optimizer and schedule after checking that it is this
+    run's (RunMismatchError otherwise); a fresh RunState without one."""
+    if checkpoint is None:
+        return RunState()
+    record = read_run_record(checkpoint)
+    if differences := fingerprint_differences(record.get("fingerprint", {}), fingerprint):
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+        raise RunMismatchError(
+            f"--resume_from_checkpoint {checkpoint} comes from a different run ({listed}): start a new run in "
+            "another --output_dir, or replace this one with --overwrite_output_dir."
+        )
+    state = RunState(**record["state"])
+    if state.step > total_steps:
+        raise RunMismatchError(
+            f"--resume_from_checkpoint {checkpoint} is at step {state.step}, past this run's {total_steps} "
+            "steps: raise --num_train_epochs or --max_steps."
+        )
+    accelerator.load_state(str(checkpoint))
+    logger.info(f"Resumed from {checkpoint} after epoch {state.epoch} (step {state.step} of {total_steps}).")
+    return state
+
+
+def start_trackers(accelerator: Accelerator, args: FinetuningArguments) -> None:
+    """The --report_to trackers, with the options as the run's hyperparameters; the log says where each one
+    writes (tensorboard: --output_dir/ace-finetune)."""
+    accelerator.init_trackers("ace-finetune", {k: v for k, v in asdict(args).items() if k != "hub_token"})
+    for tracker in accelerator.trackers:
+        where = getattr(tracker, "logging_dir", None)
+        logger.info(f"Logging to {tracker.name}" + (f" in {where}" if where else ""))
+
+
 def finetune(args: FinetuningArguments) -> dict[str, Any]:
     """Fine-tune (or, with `freeze_encoder`, linearly probe) an ACE encoder and save its best epoch to
     `output_dir`; returns that epoch's validation scores and the run's facts (as in eval_results.json)."""
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator()
+    accelerator = Accelerator(
+        log_with=None if args.report_to == "none" else args.report_to, project_dir=str(output_dir)
+    )
+    if args.push_to_hub and accelerator.is_main_process:  # refused now rather than after the training
+        check_push_target(args.hub_model_id, args.hub_token)
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
+    checkpoint = prepare_output_dir(accelerator, args, output_dir)
 
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    processor = load_processor(args)
     with accelerator.main_process_first():
         data = prepare_data(args, processor)
     for name in data.skipped:
@@ -197,15 +335,18 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
 
     model = build_model(args, data.label_names)
     frozen = model.base_model.requires_grad_(False) if args.freeze_encoder else None
-    train_dataloader, eval_dataloader = make_dataloaders(data, Collator(processor), args)
+    shuffling = torch.Generator()
+    train_dataloader, eval_dataloader = make_dataloaders(data, Collator(processor), args, shuffling)
     optimizer = torch.optim.AdamW(
         parameter_groups(model), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    total_steps = args.num_train_epochs * len(train_dataloader)  # per process, after sharding
+    steps_per_epoch = len(train_dataloader)  # per process, after sharding
+    total_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: it steps once per optimizer step
 
     metric = args.best_metric
     facts = {
@@ -214,22 +355,33 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
         "skipped_images": len(data.skipped),
         "metric_for_best_model": metric,
     } | ({"train_samples_per_class": counts} if counts else {})
-    best: dict[str, Any] = {}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    progress = tqdm(total=total_steps, desc="Training", disable=not accelerator.is_local_main_process)
-    for epoch in range(1, args.num_train_epochs + 1):
+    fingerprint = fingerprint_of(args, data.label_names, facts, steps_per_epoch, accelerator.num_processes)
+    run = resume(accelerator, checkpoint, fingerprint, total_steps)
+    start_trackers(accelerator, args)
+    progress = tqdm(
+        total=total_steps, initial=run.step, desc="Training", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(run.epoch + 1, math.ceil(total_steps / steps_per_epoch) + 1):
+        shuffling.manual_seed(args.seed + epoch - 1)
         set_train_mode(model, frozen)
-        train_loss = train_epoch(model, train_dataloader, optimizer, scheduler, accelerator, progress)
+        steps = min(steps_per_epoch, total_steps - run.step)
+        train_loss = train_epoch(model, train_dataloader, steps, optimizer, scheduler, accelerator, progress)
+        run.step += steps
         metrics = evaluate(model, eval_dataloader, accelerator, args, data.label_names)
         if metric not in metrics:
             raise ValueError(
                 f"--metric_for_best_model {metric!r} is not computed; choose one of {list(metrics)}"
             )
         logger.info(f"epoch {epoch}: train loss {train_loss:.4f}; validation {format_metrics(metrics)}")
-        if improved(metrics, best, metric):
-            best = {"epoch": epoch, **metrics, **facts}
-            save_best(accelerator, model, processor, output_dir, best)
+        scalars = {f"eval/{name}": value for name, value in metrics.items() if isinstance(value, float)}
+        accelerator.log({"train/loss": train_loss, **scalars}, step=run.step)
+        if improved(metrics, run.best, metric):
+            run.best = {"epoch": epoch, "step": run.step, **metrics, **facts}
+            save_best(accelerator, model, processor, output_dir, run.best)
             logger.info(f"Best {metric} so far ({metrics[metric]:.4f}): saved epoch {epoch} to {output_dir}")
+        run.epoch = epoch
+        record = {"fingerprint": fingerprint, "state": asdict(run)}
+        save_checkpoint(accelerator, model, output_dir, run.step, CHECKPOINTS_KEPT, record)
     progress.close()
 
     if data.skipped:
@@ -237,7 +389,7 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
             f"{len(data.skipped)} unreadable file(s) were skipped; their names are in the warnings above."
         )
     if accelerator.is_main_process:
-        publish(output_dir, args, best)
+        publish(output_dir, args, run.best)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return best
+    return run.best

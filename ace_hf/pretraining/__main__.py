@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..arguments import parse_arguments, run_or_exit
+from ..hub import HubPushError
 from ..runs import LaunchError, OutputDirError, RunMismatchError
 from .arguments import PretrainingArguments
 from .loop import pretrain
@@ -34,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(
         PretrainingArguments, argv, description=__doc__, prog="ace-hf pretrain", customize=add_view_flags
     )
-    # Refused before anything was loaded or written: one line, no traceback.
-    result = run_or_exit(lambda: pretrain(args), (LaunchError, OutputDirError, RunMismatchError))
+    # Refused before anything was loaded or written (or, for a push, failed after the export): one line.
+    user_errors = (HubPushError, LaunchError, OutputDirError, RunMismatchError)
+    result = run_or_exit(lambda: pretrain(args), user_errors)
     return result.summary
 
 

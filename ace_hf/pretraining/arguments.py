@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to
+from ..configuration_ace import ACE_PRESETS
 
 
 def _help(text: str, default=None, **extra):
@@ -35,7 +39,7 @@ class PretrainingArguments:
     )
     # Model
     model_preset: str = _help(
-        "ace-vit-tiny, ace-vit-b or ace-swin-b: the architecture and the recipe's defaults.", "ace-vit-tiny"
+        "The architecture and the recipe's defaults.", "ace-vit-tiny", choices=sorted(ACE_PRESETS)
     )
     config_name: str | None = _help("A config.json (or folder) overriding the preset's architecture.")
     config_overrides: str | None = _help(
@@ -87,7 +91,11 @@ class PretrainingArguments:
         "Replace the export and checkpoints of another run in --output_dir (refused otherwise).", False
     )
     logging_steps: int = _help("Log the losses every N steps.", 10)
-    report_to: str = _help("tensorboard, wandb, all or none.", "none")
+    report_to: str = _help(
+        "Log the losses to tensorboard (under --output_dir) or wandb; all: every one installed.",
+        "none",
+        choices=REPORT_TO_CHOICES,
+    )
     push_to_hub: bool = _help("Upload the export to --hub_model_id when done.", False)
     hub_model_id: str | None = _help("The Hub repository to push to (user/name).")
     hub_private_repo: bool = _help("Create the Hub repository as private.", False)
@@ -103,6 +111,18 @@ class PretrainingArguments:
             raise ValueError("--init_from_timm and --model_name_or_path are mutually exclusive")
         if self.dataset_name and self.train_dir:
             raise ValueError("Pass either --dataset_name or --train_dir, not both.")
+        if self.train_dir and not Path(self.train_dir).is_dir():
+            raise ValueError(f"--train_dir {self.train_dir!r} is not a directory")
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "latest") and not Path(resume).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (nor 'latest')")
+        check_model_source(self.model_name_or_path, "--model_name_or_path")
+        check_model_source(self.config_name, "--config_name")
+        if self.model_preset not in ACE_PRESETS:
+            raise ValueError(
+                f"--model_preset {self.model_preset!r} is not one of {', '.join(sorted(ACE_PRESETS))}"
+            )
+        check_report_to(self.report_to)
         self.hub_token = self.hub_token or os.environ.get("HF_TOKEN")
 
 

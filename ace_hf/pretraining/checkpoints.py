@@ -100,9 +100,7 @@ def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path | None:
     found = checkpoint_dirs(output_dir)
     if resume_from == "latest":
         return found[-1] if found else None
-    checkpoint = Path(resume_from)
-    if not checkpoint.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
+    checkpoint = Path(resume_from)  # an existing folder: PretrainingArguments checks it
     if checkpoint.resolve().parent == (output_dir / "checkpoints").resolve():
         step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
         if newer := [path.name for path in found if int(path.name.removeprefix(CHECKPOINT_PREFIX)) > step]:

@@ -9,7 +9,6 @@ Training-side module: never imported by the files that travel to the Hub.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -41,8 +40,6 @@ def load_pretraining_dataset(
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
         description = f"{dataset_name} ({split})"
     elif train_dir:
-        if not Path(train_dir).is_dir():
-            raise ValueError(f"--train_dir {train_dir!r} is not a directory")
         files = list_image_files(train_dir)
         if any(is_dicom(path) for path in files):  # imagefolder does not know DICOM: list the files instead
             dataset = datasets.Dataset.from_dict({"image": [str(path) for path in files]})
@@ -102,8 +99,8 @@ class ImageBatchCollator:
     boxes (each side at most the grid side S: `AceImageProcessor.view_sources`) and zero-padded, with every random
     choice (`AceImageProcessor.draw_view_parameters`), so that `cut_batch_views` cuts the views on the training
     device. ViewPairCollator cuts them here instead. A bad image is replaced by another good image of the same
-    batch, so every process keeps the same batch size (a DDP requirement); its name is reported in `skipped`, and
-    the filler draws its views from the skipped example's seed. Set `epoch` before each epoch's iterator.
+    batch, so every process keeps the same batch size (a DDP requirement); its name is in `skipped_files` (why it
+    was skipped, in `skipped`), and the filler draws its views from the skipped example's seed. Set `epoch` before each epoch's iterator.
     """
 
     def __init__(
@@ -148,15 +145,16 @@ class ImageBatchCollator:
 
     def _decode(
         self, examples: list[dict[str, Any]]
-    ) -> tuple[list[torch.Tensor], list[int], list[int], list[str]]:
+    ) -> tuple[list[torch.Tensor], list[int], list[int], list[str], list[str]]:
         """Windowed images (grayscale kept in one channel), the example index seeding each one's views (fillers
-        included), the sample ids (-1 for fillers) and the names of the skipped files."""
-        images, indices, skipped, skipped_indices = [], [], [], []
+        included), the sample ids (-1 for fillers), why each skipped file was skipped, and their names."""
+        images, indices, skipped, skipped_files, skipped_indices = [], [], [], [], []
         for example in examples:
             value, index = example[self.image_column], int(example["index"])
             image, problem = load_or_skip(value, index, self._load)
             if problem is not None:
                 skipped.append(problem)
+                skipped_files.append(example_name(value, index))
                 skipped_indices.append(index)
                 continue
             images.append(image)
@@ -169,10 +167,10 @@ class ImageBatchCollator:
         for filler, index in enumerate(skipped_indices):  # a donor image, seeded by the skipped example
             images.append(images[filler % good])
             indices.append(index)
-        return images, indices, sample_ids, skipped
+        return images, indices, sample_ids, skipped, skipped_files
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        images, indices, sample_ids, skipped = self._decode(examples)
+        images, indices, sample_ids, skipped, skipped_files = self._decode(examples)
         per_example = [
             self.processor.draw_view_parameters(
                 [image.shape[-2:]],
@@ -194,6 +192,7 @@ class ImageBatchCollator:
             "view_parameters": parameters,
             "sample_ids": torch.tensor(sample_ids),
             "skipped": skipped,
+            "skipped_files": skipped_files,
         }
 
 
@@ -203,19 +202,20 @@ def cut_batch_views(
     """The views of an ImageBatchCollator batch, cut on `device`: the model inputs that ViewPairCollator gives.
 
     Tensors are sent without blocking the host (from pinned memory the copy overlaps the work in flight);
-    the crop boxes stay Python ints.
+    the crop boxes stay Python ints. The batch's bookkeeping (sample ids, skipped files) passes through.
     """
     parameters = {
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
         for key, value in batch["view_parameters"].items()
     }
     views = processor.cut_views(batch["images"].to(device, non_blocking=True), **parameters)
-    return {**views, "sample_ids": batch["sample_ids"], "skipped": batch["skipped"]}
+    bookkeeping = {key: value for key, value in batch.items() if key not in ("images", "view_parameters")}
+    return {**views, **bookkeeping}
 
 
 class ViewPairCollator(ImageBatchCollator):
     """ImageBatchCollator that also cuts the views, on the CPU (in the DataLoader workers): model inputs
-    `pixel_values_large`, `pixel_values_small`, `view_origins`, with `sample_ids` and `skipped`."""
+    `pixel_values_large`, `pixel_values_small`, `view_origins`, with `sample_ids`, `skipped` and `skipped_files`."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         return cut_batch_views(self.processor, super().__call__(examples), "cpu")

@@ -1,12 +1,15 @@
-"""Guards of a pretraining run: non-finite losses and stop requests (checked on a sync cadence, on every process
-at once), and replicas that drift apart."""
+"""Guards of a pretraining run: non-finite losses (checked on a sync cadence, on every process at once), stop
+requests (acted on at the next step, or with several processes at the next check, where they all agree), and
+replicas that drift apart."""
 
 from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,20 +22,62 @@ from .checkpoints import whole_tensor
 logger = get_logger(__name__)
 
 
+# A second signal this soon after the first is the launcher passing the same request on (`accelerate launch` and
+# torchrun signal their workers, which the terminal's Ctrl-C already reached), not the user insisting.
+RELAYED_SIGNAL_S = 2.0
+
+
+@dataclass(frozen=True)
+class CheckSchedule:
+    """The steps at which every process checks the guards together (one all-reduce, one host sync): every
+    `sync_steps`, before each checkpoint and at the last step."""
+
+    sync_steps: int
+    checkpointing_steps: int
+    total_steps: int
+
+    def is_check(self, step: int) -> bool:
+        checkpoint = self.checkpointing_steps and step % self.checkpointing_steps == 0
+        return step % self.sync_steps == 0 or bool(checkpoint) or step == self.total_steps
+
+    def next_check(self, step: int) -> int:
+        """The first check step after `step` (the last step at the latest)."""
+        return next(
+            (later for later in range(step + 1, self.total_steps) if self.is_check(later)), self.total_steps
+        )
+
+
+@dataclass
+class StopRequest:
+    """The step after which a Ctrl-C or SIGTERM stops the run (None: not requested), and when it was asked."""
+
+    step: int | None = None
+    asked_at: float = 0.0
+
+    def due(self, step: int) -> bool:
+        return self.step is not None and step >= self.step
+
+
 @contextmanager
-def graceful_stop() -> Iterator[dict[str, bool]]:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save a checkpoint and exit; a second one aborts."""
-    requested = {"stop": False}
+def graceful_stop(stop_step: Callable[[], int]) -> Iterator[StopRequest]:
+    """Ctrl-C or SIGTERM asks the loop to stop after the step `stop_step()` names when the signal comes (the first
+    one every process can agree on), save a checkpoint there and exit; a second one aborts."""
+    request = StopRequest()
 
     def handler(signum: int, frame) -> None:
-        if requested["stop"]:
+        if request.step is not None:
+            if time.monotonic() - request.asked_at < RELAYED_SIGNAL_S:
+                return
             raise KeyboardInterrupt
-        requested["stop"] = True
-        logger.warning("Stop requested: saving a checkpoint after this step (signal again to abort at once).")
+        request.step, request.asked_at = stop_step(), time.monotonic()
+        logger.warning(
+            f"Stop requested: stopping after step {request.step} with a checkpoint there (continue with "
+            "--resume_from_checkpoint latest; signal again to abort at once)."
+        )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield request
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -58,7 +103,8 @@ class StepGuard:
         self.first_bad_loss = torch.where(new, loss.detach().float(), self.first_bad_loss)
 
     def check(self, accelerator: Accelerator, stop_requested: bool, last_checkpoint: Path | None) -> bool:
-        """Raise on any process's non-finite loss, on every process; return whether any process asked to stop."""
+        """Raise on any process's non-finite loss, on every process; return whether any process asked to stop
+        at this step (`stop_requested`: whether this one did)."""
         bad = self.first_bad_step >= 0
         steps = torch.where(bad, -self.first_bad_step.float(), torch.tensor(-math.inf, device=bad.device))
         flags = torch.stack([bad.float(), torch.tensor(float(stop_requested), device=bad.device), steps])
@@ -89,4 +135,7 @@ def check_replicas_in_sync(accelerator: Accelerator, model: AceForPreTraining) -
     gathered = accelerator.gather(fingerprints.unsqueeze(0))
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError("Student/teacher weights differ between processes: the replicas drifted apart.")
-    logger.info(f"Student and teacher weights are identical on all {accelerator.num_processes} process(es).")
+    processes = accelerator.num_processes
+    logger.info(
+        f"Every process holds the same student and teacher weights ({processes} process{'es' * (processes > 1)})."
+    )

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..configuration_ace import AceConfig
 from ..convert import init_from_timm
-from ..hub import export_pretrained, pretraining_model_from_export, push_to_hub
+from ..hub import check_push_target, export_pretrained, pretraining_model_from_export, push_to_hub
 from ..image_processing_ace import PRETRAINING_SETTING_NAMES, AceImageProcessor
 from ..modeling_ace import AceForPreTraining
 from ..optimization import (
@@ -41,6 +41,7 @@ from ..runs import (
     check_resume,
     clear_previous_run,
     close_segment,
+    finished_run_summary,
     read_run_record,
     run_fingerprint,
 )
@@ -60,7 +61,7 @@ from .data import (
     index_streaming_dataset,
     load_pretraining_dataset,
 )
-from .guard import StepGuard, check_replicas_in_sync, graceful_stop
+from .guard import CheckSchedule, StepGuard, check_replicas_in_sync, graceful_stop
 from .recipe import OPTIMIZATION_FIELDS, PretrainingRecipe
 
 logger = get_logger(__name__)
@@ -83,12 +84,12 @@ LOSS_NAMES = (
 class TrainingState:
     """Progress saved with every checkpoint (in its run record, JSON, so that resuming unpickles nothing) so
     that a resume continues exactly: the optimizer step, the pass over the data in progress and the steps
-    already taken in it."""
+    already taken in it; and the unreadable files met so far (each counted once, however often it is read)."""
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    skipped_images: int = 0
+    skipped_files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -365,7 +366,10 @@ def resume(
     allowed = {name.strip() for name in args.allow_run_changes.split(",") if name.strip()}
     run.changes = check_resume(record, fingerprint, total_steps=total_steps, allowed=allowed)
     accelerator.load_state(str(checkpoint))
-    run.state = TrainingState(**record["state"])
+    # Checkpoints written before 2026-12-03 counted skipped reads (`skipped_images`), not files: their names are
+    # in that run's log, not in the checkpoint, so the count restarts here.
+    saved = {key: value for key, value in record["state"].items() if key != "skipped_images"}
+    run.state = TrainingState(**saved)
     run.earlier_segments = record["segments"]
     run.segment_start = run.state.step
     logger.info(f"Resumed from {checkpoint} at optimizer step {run.state.step} of {total_steps}.")
@@ -405,7 +409,8 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     """Pretrain an ACE encoder as `args` say, then export the teacher encoder (and push it when asked).
 
     Works on one CPU, one GPU or many (launch with `accelerate launch -m ace_hf pretrain ...`); an interrupted
-    run (Ctrl-C, SIGTERM) saves a checkpoint and returns with `exported=False`.
+    run (Ctrl-C, SIGTERM) saves a checkpoint and returns with `exported=False`; resuming a run that has already
+    ended and been exported returns its summary and writes nothing.
     """
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -416,6 +421,8 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.push_to_hub and accelerator.is_main_process:  # refused now rather than after the training
+        check_push_target(args.hub_model_id, args.hub_token)
     check_launch(accelerator.num_processes)
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
@@ -446,26 +453,34 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     ace = accelerator.unwrap_model(model, keep_torch_compile=False)
     fingerprint = fingerprint_of(args, config, recipe, data, plan, accelerator.mixed_precision)
     run = resume(accelerator, args, checkpoint, fingerprint, plan.total_steps)
+    if (finished := finished_run_summary(output_dir, run.state.step, plan.total_steps)) is not None:
+        logger.info(
+            f"The run in {output_dir} is finished (step {run.state.step}) and exported: nothing to do."
+        )
+        accelerator.end_training()
+        return PretrainingResult(output_dir, finished, exported=True)
     accelerator.init_trackers("ace-pretrain", {k: v for k, v in asdict(args).items() if k != "hub_token"})
+    for tracker in accelerator.trackers:  # tensorboard's event files; wandb's local copy of the run
+        folder = getattr(tracker, "logging_dir", None) or getattr(getattr(tracker, "run", None), "dir", None)
+        logger.info(f"Logging to {tracker.name} in {folder}")
     logger.info(
         f"Pretraining {config.backbone_type} ({sum(p.numel() for p in ace.ace.parameters()) / 1e6:.1f}M encoder "
         f"parameters) on {data.description}: {plan.total_steps} steps, global batch {plan.global_batch}, "
         f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}."
     )
-    interrupted, final_logs, last_checkpoint, seen_ids = train(
+    interrupted, final_logs, seen_ids = train(
         accelerator, args, model, ace, optimizer, processor, data, plan, schedules, recipe, run, output_dir
     )
-    if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{run.state.step}":
-        save_checkpoint(
-            accelerator, model, output_dir, run.state.step, args.checkpoints_total_limit, run.as_dict()
-        )
     check_replicas_in_sync(accelerator, ace)
     if args.save_sample_ids:
         (output_dir / f"sample_ids_rank{accelerator.process_index}.json").write_text(json.dumps(seen_ids))
     summary = training_summary(accelerator, run, plan, recipe, data, interrupted, final_logs)
     exported = not interrupted and export(accelerator, args, model, ace, processor, output_dir, summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # trackers flushed before the upload, which may fail
+    if exported and args.push_to_hub and accelerator.is_main_process:
+        url = push_to_hub(output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+        logger.info(f"Pushed {output_dir} to {url}")
     return PretrainingResult(output_dir, summary, exported)
 
 
@@ -482,9 +497,9 @@ def train(
     recipe: PretrainingRecipe,
     run: RunRecord,
     output_dir: Path,
-) -> tuple[bool, dict[str, float], Path | None, list[int]]:
-    """Train from `run.state` to the end (or a stop request); returns (interrupted, the last logs, the last
-    checkpoint, the example ids seen when asked for)."""
+) -> tuple[bool, dict[str, float], list[int]]:
+    """Train from `run.state` to the end (or a stop request) and save a checkpoint there; returns (interrupted,
+    the last logs, the example ids seen when asked for)."""
     state = run.state
     progress = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     last_layer = list(ace.student.global_head.last_layer.parameters())
@@ -492,9 +507,17 @@ def train(
     micro_batches, final_logs, seen_ids, last_checkpoint = 0, {}, [], None
     interrupted = False
     guard = StepGuard(accelerator.device)
-    # Host syncs: at least every 10 steps, so a stop request (SIGTERM's grace period) is acted on quickly.
-    sync_steps = min(args.logging_steps, 10)
-    with graceful_stop() as stop:
+    # Host syncs: at least every 10 steps, so that several processes act on a stop request (SIGTERM's grace
+    # period) quickly; one process acts on it at the next step, which needs no sync.
+    checks = CheckSchedule(min(args.logging_steps, 10), args.checkpointing_steps, plan.total_steps)
+    alone = accelerator.num_processes == 1
+    warned: set[str] = set()
+
+    def stop_step() -> int:
+        """Where a stop asked for now takes effect: the next step alone, the next check with other processes."""
+        return min(state.step + 1, plan.total_steps) if alone else checks.next_check(state.step)
+
+    with graceful_stop(stop_step) as stop:
         while state.step < plan.total_steps and not interrupted:
             data.collator.epoch = state.epoch
             for epoch_aware in (data.dataloader, data.examples):  # shuffles depend on (seed, epoch) only
@@ -508,9 +531,11 @@ def train(
             for batch in batches:
                 if data.views_on_device:
                     batch = cut_batch_views(processor, batch, accelerator.device)
-                for name in batch["skipped"]:
-                    logger.warning(f"Skipped unreadable image {name}", main_process_only=False)
-                state.skipped_images += len(batch["skipped"])
+                for name, reason in zip(batch["skipped_files"], batch["skipped"], strict=True):
+                    if name not in warned:  # a bad file is read again each epoch: named once
+                        warned.add(name)
+                        state.skipped_files.append(name)
+                        logger.warning(f"Skipped unreadable file {reason}", main_process_only=False)
                 if args.save_sample_ids:
                     seen_ids.extend(batch["sample_ids"].tolist())
                 inputs = {key: batch[key].to(accelerator.device) for key in ACE_INPUTS}
@@ -540,8 +565,10 @@ def train(
                 state.step_in_epoch += 1
                 progress.update(1)
                 checkpoint_due = args.checkpointing_steps and state.step % args.checkpointing_steps == 0
-                if state.step % sync_steps == 0 or checkpoint_due or state.step == plan.total_steps:
-                    interrupted = guard.check(accelerator, stop["stop"], last_checkpoint)
+                stop_due = stop.due(state.step)
+                # Alone, a stop is acted on at once; the guards still run before its checkpoint.
+                if checks.is_check(state.step) or (stop_due and alone):
+                    interrupted = guard.check(accelerator, stop_due, last_checkpoint)
                 if state.step % args.logging_steps == 0 or state.step == plan.total_steps:
                     extra = {
                         "lr": optimizer.param_groups[0]["lr"],
@@ -551,6 +578,7 @@ def train(
                     final_logs = log_step(accelerator, progress, state.step, running, micro_batches, extra)
                     running, micro_batches = {}, 0
                 if checkpoint_due:
+                    gather_skipped_files(accelerator, state)
                     last_checkpoint = save_checkpoint(
                         accelerator,
                         model,
@@ -574,12 +602,24 @@ def train(
                         f"The dataset yields no full batch of {args.per_device_train_batch_size}."
                     )
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    progress.close()
-    return interrupted, final_logs, last_checkpoint, seen_ids
+        progress.close()
+        # Still under graceful_stop: the signal a launcher sends after the user's Ctrl-C must not kill this save.
+        gather_skipped_files(accelerator, state)
+        if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
+            save_checkpoint(
+                accelerator, model, output_dir, state.step, args.checkpoints_total_limit, run.as_dict()
+            )
+    return interrupted, final_logs, seen_ids
 
 
 # The model inputs of a batch of view pairs (its other entries are bookkeeping: sample ids, skipped files).
 ACE_INPUTS = ("pixel_values_large", "pixel_values_small", "view_origins")
+
+
+def gather_skipped_files(accelerator: Accelerator, state: TrainingState) -> None:
+    """Give every process the unreadable files any process met (each once), so that the checkpoint, written by
+    the main process, and the summary count every bad file of the run once. Collective: all processes call it."""
+    state.skipped_files = sorted(set(gather_object(state.skipped_files)))
 
 
 def training_summary(
@@ -592,12 +632,10 @@ def training_summary(
     final_logs: dict[str, float],
 ) -> dict[str, Any]:
     """What the run did, for training_summary.json and the model card."""
-    skipped = int(
-        accelerator.reduce(torch.tensor(run.state.skipped_images, device=accelerator.device), "sum").item()
-    )
+    skipped = len(run.state.skipped_files)  # gathered from every process with the last checkpoint
     segments = run.segments()
     if skipped:
-        logger.warning(f"{skipped} unreadable image(s) were skipped; their names are in the warnings above.")
+        logger.warning(f"{skipped} unreadable file(s) skipped; each is named in a warning where first met.")
     if interrupted:
         logger.warning(f"Stopped at step {run.state.step}: continue with --resume_from_checkpoint latest.")
     return {
@@ -628,7 +666,7 @@ def export(
     output_dir: Path,
     summary: dict[str, Any],
 ) -> bool:
-    """Export the teacher encoder with its card and summary (and push it when asked), on the main process."""
+    """Export the teacher encoder with its card and summary, on the main process."""
     whole = whole_model(accelerator, model, ace)
     if whole is None:
         return True
@@ -644,9 +682,6 @@ def export(
     )
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2))
     logger.info(f"Done: {json.dumps(summary)}. Exported the teacher encoder to {output_dir}.")
-    if args.push_to_hub:
-        url = push_to_hub(output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
-        logger.info(f"Pushed {output_dir} to {url}")
     return True
 
 
