@@ -27,7 +27,9 @@ ACE_PRESETS: dict[str, dict[str, Any]] = {
         "num_heads": [4, 8, 16, 32],
         "window_size": 7,
         "drop_path_rate": 0.2,  # the official Swin-B config's
-        "layer_norm_eps": 1e-5,  # Swin's (Microsoft, timm), so converted weights give the same outputs
+        # ACE's Swin builds every LayerNorm with eps 1e-6 (Microsoft's and timm's ImageNet Swins use 1e-5).
+        "layer_norm_eps": 1e-6,
+        "patch_layer_norm_eps": 1e-6,
     },
     "ace-vit-tiny": {
         "image_size": 96,
@@ -55,8 +57,9 @@ BACKBONE_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
         "num_attention_heads",
         "intermediate_size",
         "position_embedding_init",
+        "position_interpolation",
     ),
-    "swin": ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio"),
+    "swin": ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "patch_layer_norm_eps"),
 }
 
 
@@ -78,7 +81,13 @@ class AceConfig(PretrainedConfig):
             `initializer_range`, as ACE and ViT publish) or "sincos" (2-D sin-cos as in MAE, still trained). At
             std 0.02 they are about 30x smaller than the patch embeddings, so a short run starts, and ends, with
             next to no position in its tokens; sin-cos gives it from the first step (docs/results.md).
+        position_interpolation: how ViT position embeddings are resized for another input size: "exact"
+            (bicubic to the token grid) or "dino" (bicubic with DINO's scale factor, (grid + 0.1) / trained grid,
+            as the official ACE and DINO ViTs do, so converted official weights give their outputs at any size).
         embed_dim, depths, num_heads, window_size, mlp_ratio: Swin settings (stage widths double).
+        patch_layer_norm_eps: eps of Swin's patch-embedding and patch-merging LayerNorms, which transformers'
+            Swin builds with a fixed 1e-5 (its other norms read `layer_norm_eps`). 1e-5 by default: what configs
+            saved before this field were trained with. ACE's Swin (the ace-swin-b preset) uses 1e-6 in every norm.
         view_tokens: n, token grid side of one view (14 at 448 px with stride 32).
         grid_size: cells per side of the jittered image the two views are cut from.
         min_overlap: least fraction of the small view's cells that must lie in the large view.
@@ -118,11 +127,13 @@ class AceConfig(PretrainedConfig):
         drop_path_rate: float = 0.1,
         initializer_range: float = 0.02,
         position_embedding_init: str = "trunc_normal",
+        position_interpolation: str = "exact",
         embed_dim: int = 128,
         depths: list[int] | tuple[int, ...] = (2, 2, 18, 2),
         num_heads: list[int] | tuple[int, ...] = (4, 8, 16, 32),
         window_size: int = 7,
         mlp_ratio: float = 4.0,
+        patch_layer_norm_eps: float = 1e-5,
         view_tokens: int = 14,
         grid_size: int = 32,
         min_overlap: float = 0.5,
@@ -162,11 +173,13 @@ class AceConfig(PretrainedConfig):
         self.drop_path_rate = drop_path_rate
         self.initializer_range = initializer_range
         self.position_embedding_init = position_embedding_init
+        self.position_interpolation = position_interpolation
         self.embed_dim = embed_dim
         self.depths = list(depths)
         self.num_heads = list(num_heads)
         self.window_size = window_size
         self.mlp_ratio = mlp_ratio
+        self.patch_layer_norm_eps = patch_layer_norm_eps
         self.view_tokens = view_tokens
         self.grid_size = grid_size
         self.min_overlap = min_overlap
@@ -250,6 +263,8 @@ class AceConfig(PretrainedConfig):
                     "position_embedding_init",
                     f'"sincos" needs hidden_size divisible by 4, got {self.hidden_size}',
                 )
+            if self.position_interpolation not in ("exact", "dino"):
+                fail("position_interpolation", 'must be "exact" or "dino"')
         else:
             if len(self.num_heads) != len(self.depths):
                 fail("num_heads", f"needs one entry per stage of depths={self.depths}")

@@ -3,7 +3,8 @@
     ace-hf convert --checkpoint ace_swin_b.pth --output_dir ace-swin-b --model_preset ace-swin-b
 
 Source layouts: ViT in timm's (= DINO's) key names; Swin in Microsoft's (the official ACE code) or timm's key
-names; either bare or inside a training checkpoint (`{"teacher": {"module.backbone.<key>": ...}, ...}`).
+names; either bare or inside a training checkpoint (`{"teacher": {"module.backbone.<key>": ...}, ...}`, as the
+official ACE `main.py` saves). Official ACE checkpoints convert exactly (see `_source_config` for Swin's eps).
 Training-side module: never imported by the files that travel to the Hub. Its command line is
 `ace_hf.commands.convert`, so that initializing pretraining from timm does not load the export code.
 """
@@ -34,11 +35,17 @@ PREFERRED_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Entries of a training checkpoint that hold an encoder, in the order `key="auto"` tries them: ACE and DINO
 # publish the teacher; ImageNet checkpoints (Microsoft Swin, DeiT) keep theirs under "model" or "state_dict".
 CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict")
-# Microsoft Swin and timm normalize with LayerNorm's default eps (ACE's ViT, like DINO's, uses 1e-6).
-SWIN_LAYER_NORM_EPS = 1e-5
+# LayerNorm eps of a Swin's weights, in every norm: the official ACE Swin (`SwinTransformerForSimMIM`, told apart
+# by its `mask_token`) builds them with 1e-6; Microsoft's and timm's ImageNet Swins with LayerNorm's default.
+# (ACE's ViT, like DINO's and timm's, uses 1e-6, AceConfig's default.)
+ACE_SWIN_LAYER_NORM_EPS = 1e-6
+IMAGENET_SWIN_LAYER_NORM_EPS = 1e-5
 
-# Source weights with no counterpart in the encoder: classifier heads, and buffers AceModel recomputes.
-_IGNORED = re.compile(r"^(head|head_dense|fc_norm|head_drop)\.|(relative_position_index|attn_mask)$")
+# Source weights with no counterpart in the encoder: classifier heads, buffers AceModel recomputes, and the
+# official ACE backbones' SimMIM `mask_token` (it stands in for masked patches in training only).
+_IGNORED = re.compile(
+    r"^(head|head_dense|fc_norm|head_drop)\.|(relative_position_index|attn_mask)$|^mask_token$"
+)
 
 _VIT_QKV = (r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", r"encoder.layer.\1.attention.")
 _VIT_RENAMES = [
@@ -279,18 +286,24 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], backbone_type: st
 def ace_model_from_timm_state_dict(state_dict: Mapping[str, torch.Tensor], config: AceConfig) -> AceModel:
     """Build an AceModel from encoder weights in timm/DINO (ViT) or Microsoft/timm (Swin) key names."""
     converted = convert_state_dict(state_dict, config.backbone_type)
-    model = AceModel(_source_config(config))
+    model = AceModel(_source_config(config, state_dict))
     load_encoder_weights(model, fit_to_model(converted, model))
     return model
 
 
-def _source_config(config: AceConfig) -> AceConfig:
-    """The config the weights were trained with: a Swin normalizes with eps 1e-5, so outputs match exactly."""
-    if config.backbone_type != "swin" or config.layer_norm_eps == SWIN_LAYER_NORM_EPS:
+def _source_config(config: AceConfig, state_dict: Mapping[str, torch.Tensor]) -> AceConfig:
+    """The config the weights were trained with: a Swin's norms take its source's eps, so outputs match exactly."""
+    if config.backbone_type != "swin":
         return config
-    logger.info(f"Setting layer_norm_eps={SWIN_LAYER_NORM_EPS} (Swin's) instead of {config.layer_norm_eps}.")
+    eps = ACE_SWIN_LAYER_NORM_EPS if "mask_token" in state_dict else IMAGENET_SWIN_LAYER_NORM_EPS
+    if config.layer_norm_eps == config.patch_layer_norm_eps == eps:
+        return config
+    logger.info(
+        f"Setting layer_norm_eps and patch_layer_norm_eps to {eps}, the source Swin's, instead of "
+        f"{config.layer_norm_eps} and {config.patch_layer_norm_eps}."
+    )
     config = copy.deepcopy(config)
-    config.layer_norm_eps = SWIN_LAYER_NORM_EPS
+    config.layer_norm_eps = config.patch_layer_norm_eps = eps
     return config
 
 

@@ -39,7 +39,8 @@ class AceModelOutput(BaseModelOutputWithPooling):
 
     last_hidden_state: final normed tokens, [B, 1 + h*w, C] for ViT (CLS first, like ViTModel) and [B, h*w, C]
         for Swin.
-    pooler_output: mean of the patch tokens, [B, C]: the global embedding ACE trains (not the CLS token).
+    pooler_output: mean of the patch tokens, [B, C]: the global embedding (ACE's global loss pools patch tokens).
+        The official ACE ViT's `forward` returns the CLS token instead: `last_hidden_state[:, 0]`.
     patch_embeddings: the patch tokens as a map, [B, C, h, w]: the dense (per-patch) embeddings.
     """
 
@@ -103,6 +104,7 @@ class AceEmbeddings(nn.Module):
     def __init__(self, config: AceConfig) -> None:
         super().__init__()
         self.patch_size = config.patch_size
+        self.position_interpolation = config.position_interpolation
         self.grid_side = config.image_size // config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.patch_embeddings = AcePatchEmbeddings(config)
@@ -110,15 +112,23 @@ class AceEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for a `height x width` token grid (bicubic in float32, no antialias for ONNX)."""
+        """Position embeddings for a `height x width` token grid (bicubic in float32, no antialias for ONNX).
+
+        "dino" samples with DINO's scale factor (grid + 0.1) / trained grid instead of the exact grid ratio: the
+        official ACE ViT's interpolation, which its weights were evaluated with at other sizes."""
         if height == width == self.grid_side and not torch.jit.is_tracing():
             return self.position_embeddings
         class_pos_embed = self.position_embeddings[:, :1]
         patch_pos_embed = self.position_embeddings[:, 1:]
         dim = patch_pos_embed.shape[-1]
         patch_pos_embed = patch_pos_embed.reshape(1, self.grid_side, self.grid_side, dim).permute(0, 3, 1, 2)
+        if self.position_interpolation == "dino":
+            scale = ((height + 0.1) / self.grid_side, (width + 0.1) / self.grid_side)
+            resize: dict = {"scale_factor": scale}
+        else:
+            resize = {"size": (height, width)}
         patch_pos_embed = F.interpolate(
-            patch_pos_embed.float(), size=(height, width), mode="bicubic", align_corners=False
+            patch_pos_embed.float(), mode="bicubic", align_corners=False, **resize
         ).to(class_pos_embed.dtype)
         patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, height * width, dim)
         return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
@@ -282,6 +292,14 @@ def _swin_config(config: AceConfig) -> SwinConfig:
     )
 
 
+def _set_patch_layer_norm_eps(swin: SwinModel, eps: float) -> None:
+    """transformers' Swin builds its patch-embedding and patch-merging LayerNorms with a fixed eps 1e-5, not
+    `layer_norm_eps`; ACE's Swin uses 1e-6 in every norm, so the config's `patch_layer_norm_eps` sets them."""
+    merging_norms = [stage.downsample.norm for stage in swin.encoder.layers if stage.downsample is not None]
+    for norm in [swin.embeddings.norm, *merging_norms]:
+        norm.eps = eps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,6 +383,7 @@ class AceModel(AcePreTrainedModel):
         super().__init__(config)
         if config.backbone_type == "swin":
             self.swin = SwinModel(_swin_config(config), add_pooling_layer=False)
+            _set_patch_layer_norm_eps(self.swin, config.patch_layer_norm_eps)
         else:
             self.embeddings = AceEmbeddings(config)
             self.encoder = AceEncoder(config)
