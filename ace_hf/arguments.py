@@ -87,10 +87,15 @@ def check_model_source(value: str | None, option: str) -> None:
 
     transformers tries a name that is not a folder on the Hub, so a mistyped path costs a wait and a traceback.
     A value reads as a local path when it starts with /, ./, ../ or ~, when the folder it would sit in exists
-    here, or when it is not shaped like a Hub model id ("org/name").
+    here, or when it is not shaped like a Hub model id ("org/name"). An empty value names nothing (as a path it
+    would be the current folder).
     """
     if value is None:
         return
+    if not value.strip():
+        raise ModelSourceError(
+            f"{option} is empty: give a folder or a Hub model id (org/name), or leave it out"
+        )
     path = Path(value).expanduser()
     if path.exists():
         return

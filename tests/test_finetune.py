@@ -25,7 +25,7 @@ from ace_hf.commands import main as ace_hf_command
 from ace_hf.finetuning import FinetuningArguments, finetune, main
 from ace_hf.finetuning import loop as finetuning_loop
 from ace_hf.finetuning.data import DataError, few_shot_indices
-from ace_hf.finetuning.metrics import improved
+from ace_hf.finetuning.metrics import TASK_SCORES, improved, score_names, task_metrics
 from ace_hf.runs import OutputDirError, RunMismatchError, read_run_record
 from tests.conftest import EXAMPLES
 from tests.test_hub import FakeHfApi
@@ -287,6 +287,34 @@ def test_best_epoch_is_the_higher_score_then_the_lower_loss() -> None:
     assert improved({"loss": 0.4}, best, "loss")  # a loss is minimized
 
 
+@pytest.mark.parametrize(("task_kind", "num_labels"), [("classification", 2), ("classification", 3),
+                                                     ("multi_label", 3), ("segmentation", 3)])  # fmt: skip
+def test_the_declared_scores_are_the_ones_each_task_reports(task_kind, num_labels) -> None:
+    """--metric_for_best_model is checked against `score_names` while parsing: it must name what `evaluate`
+    reports (the validation loss and each scalar score), no more, no less."""
+    generator = torch.Generator().manual_seed(0)
+    names = [f"class_{index}" for index in range(num_labels)]
+    if task_kind == "segmentation":
+        outputs = torch.randint(0, num_labels, (4, 8, 8), generator=generator)
+        references = torch.randint(0, num_labels, (4, 8, 8), generator=generator)
+    elif task_kind == "multi_label":
+        outputs, references = (
+            torch.randn(8, num_labels, generator=generator),
+            torch.eye(num_labels)[[0, 1] * 4],
+        )
+        references[:, 2] = torch.tensor([0, 1] * 4)
+    else:
+        outputs, references = torch.randn(8, num_labels, generator=generator), torch.arange(8) % num_labels
+    scores = task_metrics(task_kind, outputs, references, names, ignore_index=255)
+    reported = {name for name, value in scores.items() if isinstance(value, float)} | {"loss"}
+    assert reported == set(score_names(task_kind, num_labels))
+    assert set(score_names(task_kind, num_labels)) <= set(score_names(task_kind)) and set(TASK_SCORES) == {
+        "classification",
+        "multi_label",
+        "segmentation",
+    }
+
+
 def test_contradictory_options_are_refused_before_any_data_is_read(capsys) -> None:
     with pytest.raises(ValueError, match="pass exactly one of --train_dir, --dataset_name, --train_csv"):
         FinetuningArguments(model_name_or_path="encoder")
@@ -413,6 +441,21 @@ MISTAKES = {
         ["--train_dir", "images", "--resume_from_checkpoint", "nowhere"],
         2,
         ["--resume_from_checkpoint", "nowhere"],
+    ),
+    "an empty model_name_or_path": (
+        ["--train_dir", "images", "--model_name_or_path", ""],
+        2,
+        ["--model_name_or_path is empty"],
+    ),
+    "an unknown metric_for_best_model": (
+        ["--train_dir", "images", "--metric_for_best_model", "f1"],
+        2,
+        ["--metric_for_best_model 'f1'", "balanced_accuracy, accuracy, roc_auc, loss"],
+    ),
+    "another task's metric_for_best_model": (
+        ["--task", "segmentation", "--train_csv", "masks.csv", "--metric_for_best_model", "accuracy"],
+        2,
+        ["--metric_for_best_model 'accuracy' is not a segmentation score", "mean_iou"],
     ),
 }
 

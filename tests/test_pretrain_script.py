@@ -25,9 +25,10 @@ from ace_hf.arguments import parse_arguments
 from ace_hf.hub import PRETRAINING_HEADS_NAME
 from ace_hf.pretraining import PretrainingArguments
 from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.arguments import parse_overrides
 from ace_hf.pretraining.checkpoints import checkpoint_dirs
 from ace_hf.pretraining.guard import RELAYED_SIGNAL_S, StepGuard, graceful_stop
-from ace_hf.pretraining.loop import build_config, build_model, parse_overrides
+from ace_hf.pretraining.loop import build_config, build_model
 from ace_hf.runs import read_run_record
 from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
@@ -121,8 +122,9 @@ def test_config_overrides_reach_the_model_and_matching_accuracies_are_logged(
     assert json.loads((output / "config.json").read_text())["local_loss_weight"] == 0
     for name in ("final_decomposition_accuracy", "final_composition_accuracy"):
         assert 0.0 <= summary[name] <= 1.0, name
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(SystemExit) as refused:
         main(_args(data, tiny_config_dir, tmp_path / "other", "--config_overrides", "bogus=1"))
+    assert refused.value.code == 2 and not (tmp_path / "other").exists()
 
 
 def test_augmentation_overrides_reach_the_exported_processor(tmp_path, tiny_config_dir) -> None:
@@ -685,6 +687,23 @@ def _refused(argv: list[str], capsys) -> str:
         ),
         ("--report_to", "mlflow", "--report_to/--report-to: invalid choice: 'mlflow'"),
         ("--model_preset", "ace-vit-huge", "--model_preset/--model-preset: invalid choice: 'ace-vit-huge'"),
+        ("--config_name", "", "--config_name is empty"),
+        ("--max_steps", "0", "--max_steps must be >= 1"),
+        # Overrides are tried on the config the run starts from (here --config_name's), before the model is built.
+        ("--config_overrides", "bogus=1", "--config_overrides: AceConfig has no field 'bogus'"),
+        ("--config_overrides", "grid_sise=4", "no field 'grid_sise' (did you mean grid_size?)"),
+        ("--config_overrides", "grid_size=0.5", "'grid_size=0.5': grid_size takes an integer"),
+        ("--config_overrides", "qkv_bias=maybe", "'qkv_bias=maybe': qkv_bias takes true or false"),
+        ("--config_overrides", "local_loss_weight=0,", "'' is not name=value"),
+        ("--config_overrides", "depths=2", "depths cannot be overridden here"),
+        (
+            "--config_overrides",
+            "hidden_size=31",
+            "AceConfig.num_attention_heads=2: must divide hidden_size=31",
+        ),
+        ("--augmentation_overrides", "brightnes=0.2", "AceImageProcessor has no field(s) brightnes"),
+        ("--augmentation_overrides", "blur_sigma=a:b", "'blur_sigma=a:b' is not key=number or key=low:high"),
+        ("--augmentation_overrides", "brightness=-1", "AceImageProcessor.brightness=-1.0: must be in [0, 1)"),
     ],
 )
 def test_mistakes_are_one_error_line_before_anything_loads(
@@ -709,3 +728,12 @@ def test_a_tracker_that_is_not_installed_is_refused_before_training(
         PretrainingArguments(model_preset="ace-vit-huge")
     with pytest.raises(ValueError, match="--report_to 'mlflow' is not one of none, all, tensorboard, wandb"):
         PretrainingArguments(report_to="mlflow")
+
+
+def test_overrides_of_a_hub_encoder_are_checked_by_name_while_parsing() -> None:
+    """The Hub's config is not fetched while parsing: names and forms are checked, the combination when it loads."""
+    PretrainingArguments(model_name_or_path="org/encoder", config_overrides="hidden_size=31")
+    with pytest.raises(ValueError, match="no field 'bogus'"):
+        PretrainingArguments(model_name_or_path="org/encoder", config_overrides="bogus=1")
+    with pytest.raises(ValueError, match="no field"):
+        PretrainingArguments(model_name_or_path="org/encoder", augmentation_overrides="brightnes=0.2")

@@ -12,13 +12,7 @@ from typing import Literal
 
 from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to, parse_size
 from ..configuration_ace import IGNORE_INDEX
-
-# Default `metric_for_best_model` per kind of task; every one of them is better when higher.
-DEFAULT_BEST_METRIC = {
-    "classification": "balanced_accuracy",
-    "multi_label": "roc_auc",
-    "segmentation": "mean_iou",
-}
+from .metrics import TASK_SCORES, score_names
 
 
 @dataclass
@@ -135,8 +129,10 @@ class FinetuningArguments:
     metric_for_best_model: str | None = field(
         default=None,
         metadata={
-            "help": "Validation metric that picks the saved epoch (default: balanced_accuracy, roc_auc for "
-            "multi-label, mean_iou for segmentation; a name ending in 'loss' is minimized)."
+            "help": "Validation metric that picks the saved epoch (the loss is minimized, the others maximized; "
+            "the first is the default): "
+            + "; ".join(f"{kind.replace('_', '-')} {', '.join(score_names(kind))}" for kind in TASK_SCORES)
+            + " (roc_auc of classification with two classes only)."
         },
     )
     seed: int = field(
@@ -193,6 +189,13 @@ class FinetuningArguments:
                 f"--task segmentation needs --resize_mode resize: masks are stretched to the input, so images "
                 f"fitted by {self.resize_mode} would not line up with them"
             )
+        metrics = score_names(self.task_kind)
+        if self.metric_for_best_model is not None and self.metric_for_best_model not in metrics:
+            kind = self.task_kind.replace("_", "-")
+            raise ValueError(
+                f"--metric_for_best_model {self.metric_for_best_model!r} is not a {kind} score; choose one of "
+                f"{', '.join(metrics)}"
+            )
         check_report_to(self.report_to)
         self.check_paths()
 
@@ -221,4 +224,4 @@ class FinetuningArguments:
     @property
     def best_metric(self) -> str:
         """The validation metric that picks the saved epoch."""
-        return self.metric_for_best_model or DEFAULT_BEST_METRIC[self.task_kind]
+        return self.metric_for_best_model or score_names(self.task_kind)[0]

@@ -27,7 +27,7 @@ from .. import __version__
 from ..configuration_ace import AceConfig
 from ..convert import init_from_timm
 from ..hub import check_push_target, export_pretrained, pretraining_model_from_export, push_to_hub
-from ..image_processing_ace import PRETRAINING_SETTING_NAMES, AceImageProcessor
+from ..image_processing_ace import AceImageProcessor
 from ..modeling_ace import AceForPreTraining
 from ..optimization import (
     AceSchedules,
@@ -45,7 +45,7 @@ from ..runs import (
     read_run_record,
     run_fingerprint,
 )
-from .arguments import PretrainingArguments
+from .arguments import PretrainingArguments, overridden_config, parse_overrides
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     checkpoint_bytes,
@@ -130,30 +130,7 @@ def build_config(args: PretrainingArguments) -> AceConfig:
         config = AceConfig.from_pretrained(args.config_name)
     else:
         config = AceConfig.from_preset(args.model_preset)
-    if args.config_overrides:
-        config.update_from_string(args.config_overrides)
-        config.validate_ace()
-    return config
-
-
-def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
-    """'a=0.2,b=1:2' -> {"a": 0.2, "b": (1.0, 2.0)}; the processor validates names and values."""
-    overrides: dict[str, float | tuple[float, float]] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            numbers = tuple(float(part) for part in value.split(":"))
-        except ValueError:
-            raise ValueError(
-                f"--augmentation_overrides: {item!r} is not key=number or key=low:high"
-            ) from None
-        overrides[key.strip()] = numbers[0] if len(numbers) == 1 else numbers
-    unknown = sorted(set(overrides) - set(PRETRAINING_SETTING_NAMES))
-    if unknown:
-        raise ValueError(f"--augmentation_overrides: AceImageProcessor has no field(s) {', '.join(unknown)}")
-    return overrides
+    return overridden_config(config, args.config_overrides) if args.config_overrides else config
 
 
 def build_model(args: PretrainingArguments, config: AceConfig) -> AceForPreTraining:
@@ -685,4 +662,4 @@ def export(
     return True
 
 
-__all__ = ["PretrainingResult", "build_config", "build_model", "parse_overrides", "pretrain", "training_step"]
+__all__ = ["PretrainingResult", "build_config", "build_model", "pretrain", "training_step"]
