@@ -197,7 +197,7 @@ def test_evaluate_writes_results_for_the_pretrained_encoder(
         argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     assert main(["evaluate", *argv]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results) == ["pretrained"]
+    assert list(results) == ["pretrained", "pixel baseline"]  # the non-learned baseline is on by default
     assert set(results["pretrained"]["classification"]) == {"linear_k4_auc"}
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| metric | pretrained |") and table in capsys.readouterr().out

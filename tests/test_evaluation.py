@@ -24,9 +24,16 @@ from ace_hf import (
     sample_view_origins,
 )
 from ace_hf.evaluation import properties
+from ace_hf.evaluation.baseline import (
+    BASELINE_COLUMN,
+    WIDTH,
+    PixelEncoder,
+    baseline_description,
+    context_descriptor,
+)
 from ace_hf.evaluation.config import FULL_SUITE, QUICK_SUITE, EvaluationConfig
 from ace_hf.evaluation.fewshot import classification_fewshot, segmentation_fewshot
-from ace_hf.evaluation.heldout import HeldOutData, unnormalize_pixels
+from ace_hf.evaluation.heldout import HeldOutData, encode, normalize_pixels, unnormalize_pixels
 from ace_hf.evaluation.properties import (
     anatomical_matching,
     landmark_matching,
@@ -532,6 +539,90 @@ def test_draw_and_fewshot_refuse_impossible_requests() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# The pixel baseline
+# ------------------------------------------------------------------------------------------------------------
+
+# 8 x 8 pixels, tokens of 4 x 4: token (0, 0) is 0, token (0, 1) counts 0/16 ... 15/16 row by row (mean
+# 7.5/16 = 0.46875), token (1, 0) is 1, token (1, 1) is 0.5. Token means: [[0, 0.46875], [1, 0.5]].
+HAND_IMAGE = torch.zeros(1, 1, 8, 8)
+HAND_IMAGE[0, 0, :4, 4:] = torch.arange(16.0).reshape(4, 4) / 16
+HAND_IMAGE[0, 0, 4:, :4] = 1.0
+HAND_IMAGE[0, 0, 4:, 4:] = 0.5
+
+
+def centred_unit(values: list[float]) -> torch.Tensor:
+    vector = torch.tensor(values)
+    vector = vector - vector.mean()
+    return vector / vector.norm()
+
+
+def test_context_descriptor_of_a_hand_made_image() -> None:
+    """Own pixels (4 x 4, row-major), then the 3 x 3 token means around the token (row-major, the border
+    tokens repeated outside the image), centred and L2-normalized."""
+    features = context_descriptor(HAND_IMAGE, stride=4, radius=1)
+    assert features.shape == (1, 16 + 9, 2, 2)
+    own = [v / 16 for v in range(16)]
+    context = [0, 0.46875, 0.46875, 0, 0.46875, 0.46875, 1, 0.5, 0.5]  # rows -1, 0, 1; columns 0, 1, 2
+    assert torch.allclose(features[0, :, 0, 1], centred_unit(own + context))
+    context = [0, 0, 0.46875, 1, 1, 0.5, 1, 1, 0.5]  # rows 0, 1, 2; columns -1, 0, 1
+    assert torch.allclose(features[0, :, 1, 0], centred_unit([1.0] * 16 + context))
+    # Radius 0: the token's own pixels and its mean; exposure (a gain and an offset) changes nothing.
+    own_only = context_descriptor(HAND_IMAGE, stride=4, radius=0)
+    assert torch.allclose(own_only[0, :, 0, 1], centred_unit(own + [0.46875]))
+    assert torch.allclose(context_descriptor(0.5 * HAND_IMAGE + 0.2, stride=4, radius=1), features, atol=1e-6)
+
+
+def test_the_pixel_encoder_has_the_interface_of_an_ace_model() -> None:
+    """Through `encode` (the model's normalized input): the descriptor zero-padded to WIDTH channels at the
+    token stride, the image pooled to 16 x 16 as the global embedding; a config whose heads fit them; no
+    weights to fine-tune."""
+    config = tiny_vit_config(image_size=16, patch_size=4, view_tokens=4)
+    encoder = PixelEncoder(config, context_radius=1)
+    dense, pooled = encode(encoder, HAND_IMAGE.repeat(3, 1, 1, 1), batch_size=2)
+    assert dense.shape == (3, WIDTH, 2, 2) and pooled.shape == (3, 256)
+    assert torch.allclose(
+        dense[:, :25], context_descriptor(HAND_IMAGE, 4, 1).expand(3, -1, -1, -1), atol=1e-6
+    )
+    assert not dense[:, 25:].any()
+    assert torch.allclose(pooled[0].reshape(16, 16), F.adaptive_avg_pool2d(HAND_IMAGE, 16)[0, 0], atol=1e-6)
+    assert encoder.config.feature_dim == WIDTH and encoder.config.token_stride == 4
+    assert encoder.config.image_size == config.image_size and encoder.config.grid_size == config.grid_size
+    assert list(encoder.parameters()) == [] and encoder.state_dict() == {}
+    assert torch.allclose(
+        encoder(normalize_pixels(HAND_IMAGE, config)).patch_embeddings, dense[:1], atol=1e-6
+    )
+
+
+def test_the_pixel_encoder_runs_through_the_metric_functions() -> None:
+    """Anatomical and landmark matching on token-aligned crops of one image: interior tokens have the same
+    descriptor in every crop, so they match exactly; view correspondence and the few-shot heads run on it as
+    on a model (linear heads only: nothing to fine-tune)."""
+    generator = torch.Generator().manual_seed(0)
+    config = tiny_vit_config()
+    image = torch.rand(1, 1, 8 * STRIDE, 8 * STRIDE, generator=generator)
+    labels_map = torch.arange(64).reshape(8, 8).repeat_interleave(STRIDE, 0).repeat_interleave(STRIDE, 1) + 1
+    corners = [(0, 0), (STRIDE, 2 * STRIDE), (2 * STRIDE, STRIDE)]
+    side = 6 * STRIDE
+    crops = torch.cat([image[..., t : t + side, c : c + side] for t, c in corners])
+    labels = patch_labels(torch.stack([labels_map[t : t + side, c : c + side] for t, c in corners]), STRIDE)
+    interior = torch.full_like(labels, -1)
+    interior[:, 1:-1, 1:-1] = labels[:, 1:-1, 1:-1]  # context of radius 1 inside every crop
+    encoder = PixelEncoder(config, context_radius=1)
+    dense, _ = encode(encoder, crops)
+    assert anatomical_matching(dense, interior)["balanced_accuracy"] == 1.0
+    # The centre of the image's token (3, 3): an interior token of every crop.
+    landmarks = torch.full((1, 1, 2), 3.5 * STRIDE - 0.5) - torch.tensor(corners).float()[:, None]
+    assert landmark_matching(dense, landmarks, STRIDE, margin=0)["median_error_px"] == 0.0
+    view = view_correspondence(encoder, torch.rand(4, 1, 80, 80, generator=generator), seed=0, batch_size=4)
+    assert 0.0 <= view["accuracy"] <= 1.0
+    anatomy = block_maps(12, 64, 16, 4, generator)
+    config = fewshot_config(segmentation_shots=[1, 3], finetune_steps=5)
+    scores = segmentation_fewshot(encoder, anatomy_data(anatomy, anatomy), config)
+    assert set(scores) == {"linear_k1_miou", "linear_k3_miou"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+
+
+# ------------------------------------------------------------------------------------------------------------
 # End to end on rendered held-out radiographs
 # ------------------------------------------------------------------------------------------------------------
 
@@ -611,6 +702,53 @@ def test_results_markdown_has_a_row_per_metric(e2e_results: dict) -> None:
     assert f"(the same place in the other image: {same_place:.3f})" in table
 
 
+@pytest.fixture(scope="module")
+def baseline_results(cache_dir: Path) -> dict:
+    encoder = PixelEncoder(tiny_vit_config())
+    return evaluate_encoder(encoder, EvaluationConfig(**E2E_SETTINGS, cache_dir=str(cache_dir)))
+
+
+def test_the_pixel_baseline_runs_the_whole_suite(baseline_results: dict, e2e_results: dict) -> None:
+    """The baseline goes through the suite as an encoder does: the same properties on the same crops, linear
+    heads only (no weights to fine-tune)."""
+    assert baseline_results["settings"] == e2e_results["settings"]
+    for name, scores in baseline_results["properties"].items():
+        assert set(scores) == set(e2e_results["properties"][name]), name
+    anatomical = baseline_results["properties"]["anatomical_matching"]
+    assert anatomical["num_queries"] == e2e_results["properties"]["anatomical_matching"]["num_queries"]
+    assert set(baseline_results["segmentation"]) == {"linear_k1_miou", "linear_k2_miou"}
+    assert set(baseline_results["classification"]) == {"linear_k4_auc"}
+    for value in (*baseline_results["segmentation"].values(), *baseline_results["classification"].values()):
+        assert 0.0 <= value <= 1.0
+
+
+def test_results_markdown_shows_the_baseline_column_and_what_it_is(
+    e2e_results: dict, baseline_results: dict
+) -> None:
+    """The baseline is a column beside the encoders'; the scores it does not have show as "-", and a note
+    under the table says what it is. A results.json without it (older files, model cards) renders as before."""
+    results = {"ace": e2e_results, BASELINE_COLUMN: {**baseline_results, "features": baseline_description(4)}}
+    table = results_markdown(results)
+    assert table.startswith("| metric | ace | pixel baseline |\n")
+    matching = baseline_results["properties"]["anatomical_matching"]["balanced_accuracy"]
+    assert (
+        f"| {e2e_results['properties']['anatomical_matching']['balanced_accuracy']:.3f} | {matching:.3f} |"
+        in table
+    )
+    finetuned = e2e_results["segmentation"]["finetune_k1_miou"]
+    assert f"| segmentation finetune k1 (mIoU) | {finetuned:.3f} | - |" in table
+    assert (
+        "\npixel baseline: no model; each token described by its own pixels (4 x 4) and the mean pixels of its 9 x 9"
+        in table
+    )
+    without = results_markdown({"ace": e2e_results})
+    assert (
+        without.startswith("| metric | ace |\n")
+        and "pixel baseline" not in without
+        and "| - |" not in without
+    )
+
+
 def test_results_markdown_reads_results_from_before_the_position_only_reference(e2e_results: dict) -> None:
     """A results.json written before `position_only` existed (model cards read old files) still renders."""
     old = copy.deepcopy(e2e_results)
@@ -630,13 +768,14 @@ def test_evaluation_main_writes_results(e2e_results: dict, cache_dir: Path, tmp_
         argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     results = main(argv)
 
-    assert list(results) == [str(folder), "random init"]
+    assert list(results) == [str(folder), "random init", BASELINE_COLUMN]
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(saved) == [str(folder), "random init"]
+    assert list(saved) == [str(folder), "random init", BASELINE_COLUMN]
     assert set(saved["random init"]["classification"]) == {"linear_k4_auc", "finetune_k4_auc"}
     assert saved["random init"]["settings"]["num_findings_images"] == 9
+    assert saved[BASELINE_COLUMN]["features"] == baseline_description(4)
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.startswith(f"| metric | {folder} | random init |")
+    assert table.startswith(f"| metric | {folder} | random init | pixel baseline |")
     assert "| classification finetune k4 (AUC) |" in table
 
 
@@ -700,6 +839,11 @@ def test_arguments_come_from_one_yaml_file_and_bad_ones_stop_with_a_usage_line(
     for argv, reason in (
         ([], "--model_name_or_path is required"),
         (["--model_name_or_path", "a", "b", "--names", "one"], "--names needs one name per"),
+        (["--model_name_or_path", "org/a", "--names", BASELINE_COLUMN], "is the pixel baseline's column"),
+        (
+            ["--model_name_or_path", "org/a", "--pixel_context_radius", "8"],
+            "--pixel_context_radius 8: must be 0 to 7",
+        ),
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
@@ -761,6 +905,7 @@ def test_earlier_results_are_kept_unless_overwrite_output_dir(
     (output_dir / "results.json").write_text("{}")
     monkeypatch.setattr("ace_hf.evaluation.run.evaluate_encoder", lambda encoder, config: _stub_results())
     argv = ["evaluate", "--model_name_or_path", str(encoder_dir), "--output_dir", str(output_dir)]
+    argv += ["--no_pixel_baseline"]
     status, stderr = run_command([*argv, "--device", "cpu"], capsys)
     assert status == 1
     assert_one_error_line(

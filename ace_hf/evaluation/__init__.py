@@ -7,6 +7,7 @@ which `ace_hf.hub` needs for model cards, loads neither the renderer nor the sui
 - `heldout`: held-out radiographs as tensors (`load_heldout`) and their frozen embeddings (`encode`);
 - `properties`: anatomical matching, landmark matching and view correspondence on frozen embeddings;
 - `fewshot`: few-shot segmentation and findings classification through one loop;
+- `baseline`: `PixelEncoder`, the pixels themselves as an encoder: the suite's non-learned column;
 - `suite`: `evaluate_encoder`, all of the above on one encoder;
 - `report`: the results as one Markdown table (`results_markdown`);
 - `run`: the command line (`EvaluationArguments`, `run_evaluation`, `main`).

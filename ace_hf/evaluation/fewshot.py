@@ -58,15 +58,20 @@ def run_fewshot(
     """The loop of every few-shot task: for each k and repeat, draw k training renders, train a fresh task
     model's linear head on their frozen embeddings and score it on the test renders; in the first
     `finetune_repeats` repeats, also fine-tune that model end to end from `encoder` (a copy: `encoder` is
-    left untouched). Returns the mean score of each (mode, k). A progress bar `desc` counts the runs (a
-    linear head or a fine-tuning each) and says which one is under way."""
+    left untouched; an encoder without weights is not fine-tuned). Returns the mean score of each (mode, k).
+    A progress bar `desc` counts the runs (a linear head or a fine-tuning each) and says which one is under
+    way."""
     num_test = num_test_renders(len(task.images), config)
     pool = len(task.images) - num_test
     test_features, test_labels = task.features[:num_test], task.labels[:num_test]
     for k in task.shots:
         if k > pool:
             raise ValueError(f"{task.name}_shots k={k} exceeds the {pool} training renders")
-    finetuned_repeats = min(config.finetune_repeats, config.repeats) if config.finetune_steps else 0
+    # An encoder without weights (the pixel baseline) has nothing to fine-tune: linear heads only.
+    trainable = next(encoder.parameters(), None) is not None
+    finetuned_repeats = (
+        min(config.finetune_repeats, config.repeats) if config.finetune_steps and trainable else 0
+    )
     progress = tqdm(total=len(task.shots) * (config.repeats + finetuned_repeats), desc=desc, unit="run")
     results: dict[str, float] = {}
     for k in task.shots:

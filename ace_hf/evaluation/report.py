@@ -6,7 +6,6 @@ publishing an encoder must not load the renderer or the suite.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 HEADLINE_METRICS = (
@@ -33,13 +32,15 @@ def headline_rows(results: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 def results_markdown(results: dict[str, dict[str, Any]]) -> str:
-    """One Markdown table: a row per metric, a column per evaluated encoder."""
+    """One Markdown table: a row per metric, a column per evaluated encoder (and the pixel baseline's), then
+    the chance levels and what each non-encoder column is."""
     names = list(results)
     table = {name: dict(headline_rows(result)) for name, result in results.items()}
     metrics = list(table[names[0]])
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for metric in metrics:
-        cells = [_format_value(table[name].get(metric, math.nan)) for name in names]
+        # A score a column does not have (the pixel baseline is not fine-tuned) shows as "-".
+        cells = [_format_value(table[name][metric]) if metric in table[name] else "-" for name in names]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     first = results[names[0]]["properties"]
     matching = first["anatomical_matching"]
@@ -55,6 +56,10 @@ def results_markdown(results: dict[str, dict[str, Any]]) -> str:
         f"{matching['num_structures']} structures{same_place}; view correspondence "
         f"{first['view_correspondence']['chance']:.3f}; landmark error of a position-only guess "
         f"{first['landmark_matching']['position_only_median_error_px']:.1f} px; AUC 0.5."
+    )
+    # Columns that are not encoders say what they are (results.json files from before them have none).
+    lines.extend(
+        f"\n{name}: {result['features']}." for name, result in results.items() if "features" in result
     )
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,10 @@ findings classification (see `ace_hf.evaluation.suite`). Writes `results.json` a
 Every field of `ace_hf.evaluation.config.EvaluationConfig` is an option (--num_anatomy_images,
 --segmentation_shots 1 5 20, --finetune_steps 0 to skip fine-tuning, ...). `--random_init` adds the first model's
 architecture at random initialization, the baseline a pretrained encoder must beat; `--random_init_seeds 0 1 2`
-adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A single
-.json or .yaml file of options can stand for the command line.
+adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A "pixel
+baseline" column, on by default (--no_pixel_baseline), scores the pixels themselves through the same metrics: no
+model, a few seconds (`ace_hf.evaluation.baseline`). A single .json or .yaml file of options can stand for the
+command line.
 
 Time, measured on the project's 2-core CPU for an ace-vit-tiny export (320 px renders): the first run renders
 the 64 + 120 held-out radiographs (about 2 minutes, 0.6 s each; cached in --cache_dir, by default
@@ -46,6 +48,7 @@ from ..arguments import (
 from ..configuration_ace import AceConfig
 from ..modeling_ace import AceModel
 from ..runs import OutputDirError
+from .baseline import BASELINE_COLUMN, CONTEXT_RADIUS, PixelEncoder, baseline_description
 from .config import EvaluationConfig, ShotsError, check_shots
 from .report import results_markdown
 from .suite import evaluate_encoder
@@ -84,6 +87,18 @@ class EvaluationArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace the results an earlier evaluation left in --output_dir."}
     )
+    pixel_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": f'A "{BASELINE_COLUMN}" column (no model, seconds to run): every metric on each token\'s '
+            "pixels and its neighbourhood's, the findings on the image pooled to 16 x 16 "
+            "(ace_hf.evaluation.baseline). --no_pixel_baseline leaves it out."
+        },
+    )
+    pixel_context_radius: int = field(
+        default=CONTEXT_RADIUS,
+        metadata={"help": "Tokens around each token in the pixel baseline's matching descriptor (radius)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
@@ -92,6 +107,12 @@ class EvaluationArguments:
             raise ValueError(f"--names needs one name per --model_name_or_path, got {self.names}")
         for path in self.model_name_or_path:
             check_model_source(path, "--model_name_or_path")
+        if self.pixel_baseline and BASELINE_COLUMN in (self.names or self.model_name_or_path):
+            raise ValueError(
+                f'--names "{BASELINE_COLUMN}" is the pixel baseline\'s column: name it otherwise'
+            )
+        if not 0 <= self.pixel_context_radius <= 7:
+            raise ValueError(f"--pixel_context_radius {self.pixel_context_radius}: must be 0 to 7")
 
 
 def load_encoders(args: EvaluationArguments, seed: int) -> dict[str, AceModel]:
@@ -140,11 +161,17 @@ def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[
     output_dir = Path(args.output_dir)
     check_results_folder(output_dir, RESULTS, "--output_dir", args.overwrite_output_dir)
     check_shots(config)
+    columns: dict[str, torch.nn.Module] = dict(load_encoders(args, config.seed))
+    if args.pixel_baseline:
+        model_config = next(iter(columns.values())).config
+        columns[BASELINE_COLUMN] = PixelEncoder(model_config, args.pixel_context_radius)
     results, wall_times = {}, {}
-    for name, encoder in load_encoders(args, config.seed).items():
+    for name, encoder in columns.items():
         logger.info(f"Evaluating {name}")
         start = time.perf_counter()
         results[name] = evaluate_encoder(encoder.to(args.device), config)
+        if name == BASELINE_COLUMN:
+            results[name]["features"] = baseline_description(args.pixel_context_radius)
         wall_times[name] = round(time.perf_counter() - start, 1)
         results[name]["wall_time_s"] = wall_times[name]
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
