@@ -131,7 +131,7 @@ def export_pretrained(
     snippets load (default: the folder name). `training_summary` keys are listed in `SUMMARY_LABELS` (others
     are shown under their own name); `wall_time_s` is in seconds; its "dataset" describes the data in the card.
     `dataset_names` and `base_model` (the encoder pretraining continued from) enter the card's metadata when
-    they are Hub ids; local paths are left out. `evaluation_results` is examples/run_evaluation.py's
+    they are Hub ids; local paths are left out. `evaluation_results` is `ace-hf evaluate`'s
     results.json (path or dict). `pretraining_heads` (the `AceForPreTraining` model or its
     `pretraining_heads_state_dict()`) are saved to pretraining_heads.safetensors, for continued pretraining.
     Other files already in `output_dir` are kept, except a pretraining_heads.safetensors that this export
@@ -235,7 +235,7 @@ def push_to_hub(
     """Create the model repo `repo_id` ("namespace/name") if needed and upload `folder` as one commit.
 
     Only the folder's top-level files go up: an export is flat, and training writes checkpoints (optimizer
-    state) and logs in subfolders next to it. `evaluation_results` (results.json of examples/run_evaluation.py,
+    state) and logs in subfolders next to it. `evaluation_results` (results.json of `ace-hf evaluate`,
     path or dict) first fills the model card's evaluation section, since evaluation usually runs after the
     export. Returns the commit URL. `api` is injectable so tests can record the calls instead of reaching the Hub.
 
@@ -486,7 +486,7 @@ def _evaluation_section(results: str | os.PathLike | Mapping[str, Any] | None) -
     """Markdown for the card's evaluation section: the suite's table, or how to produce one."""
     if results is None:
         return (
-            "No evaluation results were attached to this export. ace-hf's `examples/run_evaluation.py` "
+            "No evaluation results were attached to this export. `ace-hf evaluate` "
             'measures them, and `ace_hf.hub.push_to_hub(..., evaluation_results="results.json")` adds '
             "them here."
         )
@@ -494,7 +494,7 @@ def _evaluation_section(results: str | os.PathLike | Mapping[str, Any] | None) -
         results = json.loads(Path(results).read_text())
     table = results_markdown({_public_text(name): result for name, result in results.items()})
     return (
-        "ace-hf's evaluation suite (`examples/run_evaluation.py`): property analysis of the frozen embeddings "
+        "ace-hf's evaluation suite (`ace-hf evaluate`): property analysis of the frozen embeddings "
         "and few-shot segmentation and findings classification, on held-out digitally reconstructed radiographs "
         "rendered from the chest CT of the built-in data (other poses and seed), with labels from the render "
         "geometry. These are synthetic images of one anatomy, not a clinical benchmark.\n\n" + table

@@ -1,4 +1,4 @@
-"""The README's main job, end to end: `accelerate launch examples/pretrain.py` with no arguments (slow)."""
+"""The main job, end to end: `accelerate launch examples/pretrain.py` with no arguments (slow)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """ace_hf.finetuning end to end on a tiny encoder and a handful of synthetic PNGs written to tmp_path; the
-examples/finetune.py command line once, as the README runs it; each user mistake of `ace-hf finetune` as one
+examples/finetune.py command line once, as docs/finetuning.md runs it; each user mistake of `ace-hf finetune` as one
 `error:` line before the model loads; no run written over another's; resuming as if never interrupted."""
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def test_segmentation_from_a_csv_of_image_and_mask_pngs(tmp_path, encoder_dir) -
 
 
 def test_the_readme_linear_probe_command_trains_the_head_only(tmp_path, encoder_dir) -> None:
-    """examples/finetune.py as the README runs it, in a fresh process: the frozen encoder comes out unchanged."""
+    """examples/finetune.py as docs/finetuning.md runs it, in a fresh process: the frozen encoder comes out unchanged."""
     data = _image_folder(tmp_path / "data", per_class=4)
     output = tmp_path / "out"
     command = [
