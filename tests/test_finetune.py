@@ -579,3 +579,23 @@ def test_a_resumed_run_ends_as_the_uninterrupted_run(tmp_path, encoder_dir, monk
     }
     for key, value in weights[output].items():
         assert torch.equal(value, weights[tmp_path / "uninterrupted"][key]), key
+
+
+def test_roc_auc_as_the_best_metric_with_three_classes_is_refused_before_training(
+    tmp_path, encoder_dir, capsys
+) -> None:
+    """ROC-AUC is computed for two classes only, which only the data tells: refused once it is read."""
+    data = _image_folder(tmp_path / "data", per_class=8)
+    for index in range(8):
+        _save(data / "grey" / f"{index}.png", 120, np.random.default_rng(index))
+    argv = [
+        "--model_name_or_path",
+        str(encoder_dir),
+        "--train_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    status, line = finetune_refusal([*argv, "--metric_for_best_model", "roc_auc"], capsys)
+    assert status == 1 and "--metric_for_best_model roc_auc: not computed for 3 labels" in line
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -442,7 +442,7 @@ stopped = next(
     step for step in range(1, 21) if checks.is_check(step) and guard.check(accelerator, request.due(step), None)
 )
 state = TrainingState(skipped_files=[["a.png", "b.png"], ["c.png", "b.png"]][rank])
-gather_skipped_files(accelerator, state)
+gather_skipped_files(state)
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"stopped": stopped, "skipped": state.skipped_files}))
 accelerator.end_training()
 """

@@ -9,7 +9,7 @@ Every field of `ace_hf.evaluation.config.EvaluationConfig` is an option (--num_a
 architecture at random initialization, the baseline a pretrained encoder must beat; `--random_init_seeds 0 1 2`
 adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A "pixel
 baseline" column, on by default (--no_pixel_baseline), scores the pixels themselves through the same metrics: no
-model, a few seconds (`ace_hf.evaluation.baseline`). A single .json or .yaml file of options can stand for the
+model, 30 to 45 s here (`ace_hf.evaluation.baseline`). A single .json or .yaml file of options can stand for the
 command line.
 
 Time, measured on the project's 2-core CPU for an ace-vit-tiny export (320 px renders): the first run renders
@@ -73,7 +73,7 @@ class EvaluationArguments:
         default_factory=list,
         metadata={
             "help": "Random-init columns of the first model's architecture for these seeds (the weights a "
-            "from-scratch `pretrain.py --seed s` run starts from under the same torch version), all on the same "
+            "from-scratch `ace-hf pretrain --seed s` run starts from under the same torch version), all on the same "
             "crops and draws (--seed): paired comparisons over several seeds."
         },
     )
@@ -90,7 +90,7 @@ class EvaluationArguments:
     pixel_baseline: bool = field(
         default=True,
         metadata={
-            "help": f'A "{BASELINE_COLUMN}" column (no model, seconds to run): every metric on each token\'s '
+            "help": f'A "{BASELINE_COLUMN}" column (no model, 30 to 45 s here): every metric on each token\'s '
             "pixels and its neighbourhood's, the findings on the image pooled to 16 x 16 "
             "(ace_hf.evaluation.baseline). --no_pixel_baseline leaves it out."
         },

