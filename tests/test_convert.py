@@ -524,3 +524,18 @@ def test_swin_exports_saved_before_patch_layer_norm_eps_keep_their_norms(tmp_pat
     assert len(other_norms) == 4 * 2 + 1 and {norm.eps for norm in other_norms} == {
         layer_norm_eps
     }  # 4 blocks, final
+
+
+def test_an_earlier_export_is_not_replaced_unless_asked(tmp_path, capsys) -> None:
+    checkpoint = tmp_path / "ace_vit.pth"
+    torch.save(_ace_checkpoint(_timm_vit().state_dict()), checkpoint)
+    config = _config_dir(tmp_path, tiny_vit_config())
+    argv = ["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--config", str(config)]
+    main(argv)
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(
+        SystemExit, match=r"^error: --output_dir .* already holds earlier results \(README.md, config.json"
+    ):
+        main(argv)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+    main([*argv, "--overwrite_output_dir"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import parse_arguments, run_or_exit
+from ..arguments import check_results_folder, parse_arguments, run_or_exit
 from ..configuration_ace import ACE_PRESETS, AceConfig
 from ..convert import (
     CHECKPOINT_KEYS,
@@ -22,7 +22,7 @@ from ..convert import (
     encoder_state_dict,
     load_checkpoint,
 )
-from ..hub import export_pretrained
+from ..hub import EXPORT_FILES, export_pretrained
 from ..image_processing_ace import AceImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class ConversionArguments:
     model_id: str | None = field(
         default=None, metadata={"help": "Hub id ('org/name') the model card's snippets load."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an export already in --output_dir (refused otherwise)."}
+    )
 
     def __post_init__(self) -> None:
         if self.model_preset and self.config:
@@ -65,6 +68,7 @@ def config_for(args: ConversionArguments, state_dict: Mapping[str, torch.Tensor]
 
 def convert(args: ConversionArguments) -> Path:
     """Convert and export; returns the folder written."""
+    check_results_folder(Path(args.output_dir), EXPORT_FILES, "--output_dir", args.overwrite_output_dir)
     logger.info(f"Reading {args.checkpoint}")
     state_dict = encoder_state_dict(load_checkpoint(args.checkpoint, args.unsafe_load), args.key)
     config = config_for(args, state_dict)
@@ -81,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Parse the arguments and convert; a bad checkpoint is one `error:` line."""
     args = parse_arguments(ConversionArguments, argv, description=__doc__)
     logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
-    return run_or_exit(lambda: convert(args), (ValueError, FileNotFoundError))
+    return run_or_exit(lambda: convert(args), (ValueError, FileNotFoundError))  # OutputDirError too
