@@ -48,7 +48,7 @@ from ace_hf.arguments import (
     read_model_config,
     run_or_exit,
 )
-from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files, load_or_skip
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, find_images, load_or_skip
 from ace_hf.runs import OutputDirError, normal_file_permissions
 
 logger = logging.getLogger(__name__)
@@ -116,11 +116,6 @@ class ExtractionSummary:
     skipped: list[str] = field(default_factory=list)
 
 
-def find_images(input_path: Path) -> list[Path]:
-    """The input file itself, or every image under the folder (sorted)."""
-    return [input_path] if input_path.is_file() else list_image_files(input_path)
-
-
 def processor_overrides(args: FeatureExtractionArguments) -> dict[str, Any]:
     """The processor settings given as arguments (left-out ones keep the saved values)."""
     given = {"size": None if args.size is None else parse_size(args.size), "resize_mode": args.resize_mode}
@@ -156,7 +151,7 @@ def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
     )
 
     summary = ExtractionSummary()
-    paths = find_images(args.input)
+    paths = find_images([args.input])
     if not paths:
         logger.error(f"No images found at {args.input} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
         return summary

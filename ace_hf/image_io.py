@@ -42,6 +42,11 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return [path for path in files if path.suffix.lower() in suffixes]
 
 
+def find_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted)."""
+    return [found for path in paths for found in ([path] if path.is_file() else list_image_files(path))]
+
+
 def read_dicom(source: str | Path | bytes) -> np.ndarray:
     """Pixels of a DICOM file as float32, with the modality and VOI LUTs applied and MONOCHROME1 inverted,
     so that bone is bright like every other input."""

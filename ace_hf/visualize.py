@@ -42,7 +42,7 @@ from ace_hf.arguments import (
     read_model_config,
     run_or_exit,
 )
-from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, list_image_files
+from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, find_images
 from ace_hf.runs import OutputDirError
 from ace_hf.visualization import (
     image_grid,
@@ -111,11 +111,6 @@ class VisualizationArguments:
             raise ValueError("--size must be positive")
         if self.query is not None and len(self.query) != 2:
             raise ValueError(f"--query takes two numbers, ROW COL, got {self.query}")
-
-
-def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted)."""
-    return [found for path in inputs for found in ([path] if path.is_file() else list_image_files(path))]
 
 
 def load_processor(name: str, config: AceConfig) -> AceImageProcessor:
