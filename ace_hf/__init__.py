@@ -1,59 +1,38 @@
 """ace-hf: ACE self-supervised pretraining for medical images, as a Hugging Face model package.
 
-Importing the package registers the ACE classes with transformers' Auto classes, so
-`AutoModel.from_pretrained(folder)` works without `trust_remote_code` when ace_hf is installed.
+`import ace_hf` loads nothing heavy: each name below is imported on first use, and the first use also registers
+the ACE classes with transformers' Auto classes (`ace_hf.auto`), so that after `from ace_hf import AceModel`
+`AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
 """
 
-import transformers as _transformers
-
-from .configuration_ace import ACE_PRESETS, AceConfig
-from .correspondence_ace import CorrespondenceTargets, correspondence_targets, sample_view_origins
-from .image_processing_ace import AceImageProcessor
-from .modeling_ace import (
-    AceForImageClassification,
-    AceForPreTraining,
-    AceForSemanticSegmentation,
-    AceModel,
-    AceModelOutput,
-    AcePreTrainedModel,
-    AcePreTrainingOutput,
-)
-
-
-def _register_auto_classes() -> None:
-    """Register the ACE classes with transformers' Auto classes (a function, so that the package's namespace
-    holds only its own names)."""
-    auto = _transformers
-    auto.AutoConfig.register("ace", AceConfig, exist_ok=True)
-    auto.AutoModel.register(AceConfig, AceModel, exist_ok=True)
-    auto.AutoModelForImageClassification.register(AceConfig, AceForImageClassification, exist_ok=True)
-    auto.AutoModelForSemanticSegmentation.register(AceConfig, AceForSemanticSegmentation, exist_ok=True)
-    auto.AutoImageProcessor.register(
-        AceConfig, image_processor_classes={"torchvision": AceImageProcessor}, exist_ok=True
-    )
-    # "No video processor", as transformers records for its image-only models. Without it the
-    # image-feature-extraction pipeline, which also looks for a video processor, derives "AceVideoProcessor" from
-    # preprocessor_config.json's auto_map and asks "Do you wish to run the custom code? [y/N]" (15 s timeout) for
-    # a class that does not exist.
-    auto.AutoVideoProcessor.register(AceConfig, video_processor_classes={}, exist_ok=True)
-
-
-_register_auto_classes()
+from . import lazy as _lazy
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ACE_PRESETS",
-    "AceConfig",
-    "AceForImageClassification",
-    "AceForPreTraining",
-    "AceForSemanticSegmentation",
-    "AceImageProcessor",
-    "AceModel",
-    "AceModelOutput",
-    "AcePreTrainedModel",
-    "AcePreTrainingOutput",
-    "CorrespondenceTargets",
-    "correspondence_targets",
-    "sample_view_origins",
-]
+_EXPORTS = {
+    "ACE_PRESETS": ".presets_ace",
+    "AceConfig": ".configuration_ace",
+    "AceForImageClassification": ".modeling_ace",
+    "AceForPreTraining": ".modeling_ace",
+    "AceForSemanticSegmentation": ".modeling_ace",
+    "AceImageProcessor": ".image_processing_ace",
+    "AceModel": ".modeling_ace",
+    "AceModelOutput": ".modeling_ace",
+    "AcePreTrainedModel": ".modeling_ace",
+    "AcePreTrainingOutput": ".modeling_ace",
+    "CorrespondenceTargets": ".correspondence_ace",
+    "correspondence_targets": ".correspondence_ace",
+    "register_auto_classes": ".auto",
+    "sample_view_origins": ".correspondence_ace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def _register() -> None:
+    from .auto import register_auto_classes
+
+    register_auto_classes()
+
+
+__getattr__, __dir__ = _lazy.lazy_exports(__name__, _EXPORTS, on_first_use=_register)

@@ -13,22 +13,32 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate.utils import is_tensorboard_available, is_wandb_available
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoConfig, HfArgumentParser, PretrainedConfig
+from transformers import HfArgumentParser
 
 from .runs import OutputDirError, ensure_writable_folder
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # What a local path starts with; a Hub id never does.
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 # Earlier results named in a refusal, at most.
 HELD_NAMES_SHOWN = 3
+# --report_to's trackers (each needs its package installed).
+TRACKERS = ("tensorboard", "wandb")
 
 
-# --report_to's values, and whether each one's package is installed (Accelerate would only warn, then log nothing).
-TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+def tracker_available(name: str) -> bool:
+    """Whether the tracker `name`'s package is installed, as Accelerate decides (it would only warn, then log
+    nothing). Accelerate is imported here, not above: it loads torch, which `--help` must not wait for."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+
+
 REPORT_TO_CHOICES = ("none", "all", *TRACKERS)
 
 
@@ -111,11 +121,20 @@ def check_model_source(value: str | None, option: str) -> None:
 
 
 def read_model_config(
-    value: str, option: str, config_class: type = AutoConfig, **kwargs: Any
+    value: str, option: str, config_class: type | None = None, **kwargs: Any
 ) -> PretrainedConfig:
-    """The config of the model `value` names (cheap: checks can use it before the weights load);
-    ModelSourceError naming `option` when it cannot be read (no config.json, an unknown or unreachable Hub id)."""
+    """The config of the model `value` names, as `config_class` (default: AutoConfig) reads it (cheap: checks can
+    use it before the weights load); ModelSourceError naming `option` when it cannot be read (no config.json, an
+    unknown or unreachable Hub id). Every command reads its models' configs here first, so this is where the ACE
+    classes are registered with the Auto classes: ACE folders then load without trust_remote_code."""
+    # Imported here, not above: they load torch, which `--help` and argument mistakes need not wait for.
+    from transformers import AutoConfig
+
+    from .auto import register_auto_classes
+
     check_model_source(value, option)
+    register_auto_classes()
+    config_class = config_class or AutoConfig
     try:
         return config_class.from_pretrained(value, **kwargs)
     except OSError as error:
@@ -161,6 +180,14 @@ def check_size(
     )
 
 
+def resolve_device(device: str | None) -> str:
+    """`device` as given, else cuda when available, else cpu (decided when a command runs, not in its
+    arguments' defaults: that would load torch before `--help`)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_results_folder(folder: Path, results: Iterable[str], option: str, overwrite: bool) -> None:
     """Refuse (OutputDirError naming `option`) a folder holding an earlier run's `results` (glob patterns)
     unless `overwrite`, or one that cannot take a file. Runs before any model loads."""
@@ -181,7 +208,7 @@ def check_report_to(value: str) -> None:
     once, then log nothing)."""
     if value not in REPORT_TO_CHOICES:  # argparse checks the choices; a dataclass built in code does not
         raise ValueError(f"--report_to {value!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
-    if value in TRACKERS and not TRACKERS[value]():
+    if value in TRACKERS and not tracker_available(value):
         raise ValueError(f"--report_to {value} needs the {value} package: pip install {value}")
-    if value == "all" and not any(available() for available in TRACKERS.values()):
+    if value == "all" and not any(map(tracker_available, TRACKERS)):
         raise ValueError(f"--report_to all: none of {', '.join(TRACKERS)} is installed")

@@ -41,6 +41,7 @@ REMOTE_CODE_FILES = (
     "image_processing_ace.py",
     "correspondence_ace.py",
     "losses_ace.py",
+    "presets_ace.py",
 )
 # The Auto classes an export must map to its remote code: the encoder and its image processor, and the task
 # heads that fine-tuning starts from it (`AutoModelForImageClassification.from_pretrained(export, num_labels=3)`).

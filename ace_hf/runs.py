@@ -1,8 +1,10 @@
 """Runs that never destroy or mislabel work: output-folder checks, run fingerprints and run segments.
 
-A pretraining run writes its checkpoints and its export into one output folder. These helpers make sure a new
-run does not write over another run's work, that a resume continues the same run (or records what changed),
-and that the training summary describes every segment of a resumed run.
+A pretraining or fine-tuning run writes its checkpoints (`output_dir/checkpoints/step_N`) and its model into
+one output folder. These helpers make sure a new run does not write over another run's work, that a resume
+continues the same run (or records what changed), and that the training summary describes every segment of a
+resumed run. Standard library only: the command line checks output folders before torch loads (preparing a
+folder across processes is `ace_hf.checkpointing.prepare_output_dir`).
 
 Training-side module: never imported by the files that travel to the Hub.
 """
@@ -21,6 +23,8 @@ from typing import Any
 RUN_FILE = "ace_run.json"
 # Files that mark a folder as holding a finished export.
 EXPORT_MARKERS = ("model.safetensors", "config.json", "training_summary.json")
+# A checkpoint's folder name in output_dir/checkpoints, before its optimizer step.
+CHECKPOINT_PREFIX = "step_"
 
 
 class OutputDirError(ValueError):
@@ -114,14 +118,42 @@ def check_output_dir(
         )
 
 
-def clear_previous_run(output_dir: Path) -> list[str]:
+def clear_previous_run(output_dir: Path, also: Iterable[str] = ()) -> list[str]:
     """For --overwrite_output_dir: remove the earlier run's checkpoints and export files, so that neither
-    'latest' nor checkpoint rotation can mix them with this run's. Returns what was removed."""
+    'latest' nor checkpoint rotation can mix them with this run's, and the files `also` names (what only this
+    kind of run writes beside its model). Returns what was removed."""
     removed = other_runs_work(output_dir)
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     for name in EXPORT_MARKERS:
         (output_dir / name).unlink(missing_ok=True)
+    for name in also:
+        if (output_dir / name).exists():
+            (output_dir / name).unlink()
+            removed.append(name)
     return removed
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+    found = [path for path in (output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def resolve_checkpoint(resume_from: str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from; refuse an older one of this folder while newer ones exist, or 'latest'
+    and the checkpoint rotation would later pick up the abandoned attempt again."""
+    found = checkpoint_dirs(output_dir)
+    if resume_from == "latest":
+        return found[-1] if found else None
+    checkpoint = Path(resume_from)  # an existing folder: the run's arguments check it
+    if checkpoint.resolve().parent == (output_dir / "checkpoints").resolve():
+        step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
+        if newer := [path.name for path in found if int(path.name.removeprefix(CHECKPOINT_PREFIX)) > step]:
+            raise RunMismatchError(
+                f"{output_dir} holds checkpoints newer than {checkpoint.name} ({', '.join(newer)}): move them "
+                "out of the folder to go back to this one, or resume from 'latest'."
+            )
+    return checkpoint
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,28 +185,42 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
 
 
 def check_resume(
-    record: Mapping[str, Any], fingerprint: Mapping[str, Any], *, total_steps: int, allowed: set[str]
+    checkpoint: Path,
+    record: Mapping[str, Any],
+    fingerprint: Mapping[str, Any],
+    *,
+    total_steps: int,
+    allowed: set[str] | None = None,
 ) -> dict[str, list[Any]]:
-    """Refuse a checkpoint from another run or past `total_steps`; return the allowed changes.
+    """Refuse `checkpoint` (whose run record is `record`) when it is from another run or past `total_steps`;
+    return the allowed changes.
 
-    `allowed` names the fields the user changed on purpose (--allow_run_changes); "all" allows any.
+    `allowed` names the fields the user changed on purpose (--allow_run_changes; "all" allows any); None for a
+    run without that option, which allows no change.
     """
     step = record["state"]["step"]
     if step > total_steps:
+        allow = " (and allow the change with --allow_run_changes total_steps)" if allowed is not None else ""
         raise RunMismatchError(
-            f"The checkpoint is at step {step}, past this run's {total_steps} planned steps: raise --max_steps "
-            "or --num_train_epochs (and allow the change with --allow_run_changes total_steps)."
+            f"--resume_from_checkpoint {checkpoint} is at step {step}, past this run's {total_steps} planned "
+            f"steps: raise --max_steps or --num_train_epochs{allow}."
         )
-    changes = fingerprint_differences(record["fingerprint"], fingerprint)
+    changes = fingerprint_differences(record.get("fingerprint", {}), fingerprint)
+    permitted = allowed or set()
     refused = {
-        name: values for name, values in changes.items() if name not in allowed and "all" not in allowed
+        name: values for name, values in changes.items() if name not in permitted and "all" not in permitted
     }
     if refused:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in refused.items())
+        advice = (
+            "Start a new run in another --output_dir, or replace this one with --overwrite_output_dir."
+            if allowed is None
+            else f"If the change is deliberate, pass --allow_run_changes {','.join(refused)} (it is recorded in "
+            "the training summary and the model card)."
+        )
         raise RunMismatchError(
-            f"The checkpoint comes from a different run. Differing fields: {listed}. If the change is "
-            f"deliberate, pass --allow_run_changes {','.join(refused)} (it is recorded in the training summary "
-            "and the model card)."
+            f"--resume_from_checkpoint {checkpoint} comes from a different run. Differing fields: {listed}. "
+            + advice
         )
     return changes
 

@@ -1,50 +1,26 @@
-"""Look at what ACE encoders learned: PCA colours and query similarity of their patch embeddings.
-
-    ace-hf visualize --model_name_or_path outputs/ace-pretrain --heldout 4 --output_dir outputs/vis
-    ace-hf visualize --model_name_or_path outputs/ace-pretrain org/ace-vit-b --images xrays/ \\
-        --query 200 150 --random_init --output_dir outputs/vis
-
-Writes two pictures to --output_dir:
-- `pca.png`: a row of the input images, then per model a row with the first three principal components of its
-  patch embeddings as RGB, fitted jointly over all images: the same colour is the same embedding in every image,
-  so an anatomically consistent encoder paints the same anatomy the same colour;
-- `similarity.png`: per model, the first image with the query point (a cross; `--query ROW COL`, default the
-  centre), then the other images coloured by the cosine similarity of each patch to the query's embedding
-  (blue: least similar, red: most, on a range shared by the row).
-
-Images are `--images` (files or folders) or, without them, `--heldout N` held-out chest radiographs rendered at the
-first model's pretraining size (`grid_size * token_stride`), never seen in pretraining. `--random_init` adds the
-first model's architecture with random weights as a reference: what position embeddings and pixels alone give.
-An --output_dir that already holds the pictures is refused unless --overwrite_output_dir; a missing model folder,
-a --size or --query that does not fit is one `error:` line before any model loads. The drawing itself is
-`ace_hf.visualization`.
+"""`visualize`: what ACE encoders learned, as pictures: PCA colours and query similarity of their patch
+embeddings (`pca.png`, `similarity.png`). Its command line is `ace-hf visualize` (`ace_hf.commands.visualize`,
+which says what each picture shows); the drawing itself is `ace_hf.visualization`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ace_hf import AceConfig, AceImageProcessor, AceModel
-from ace_hf.arguments import (
-    ModelSourceError,
-    SizeError,
-    check_model_source,
-    check_results_folder,
-    check_size,
-    parse_arguments,
-    read_model_config,
-    run_or_exit,
-)
-from ace_hf.image_io import IMAGE_SUFFIXES, decode_image, find_images
-from ace_hf.runs import OutputDirError
-from ace_hf.visualization import (
+from .arguments import check_results_folder, check_size, read_model_config, resolve_device
+from .configuration_ace import AceConfig
+from .image_io import IMAGE_SUFFIXES, decode_image, find_images
+from .image_processing_ace import AceImageProcessor
+from .modeling_ace import AceModel
+from .visualization import (
     image_grid,
     mark_point,
     overlay,
@@ -54,6 +30,9 @@ from ace_hf.visualization import (
     to_pil,
 )
 
+if TYPE_CHECKING:
+    from .commands.visualize import VisualizationArguments
+
 logger = logging.getLogger(__name__)
 
 Encoder = tuple[str, AceModel, AceImageProcessor]  # label, model, the processor its image files go through
@@ -62,55 +41,6 @@ PICTURES = ("pca.png", "similarity.png")
 
 class GeometryError(ValueError):
     """--query does not fit the images: a usage error, reported in one line."""
-
-
-@dataclass
-class VisualizationArguments:
-    """Which encoders to picture, on which images, and where the pictures go."""
-
-    model_name_or_path: list[str] = field(metadata={"help": "one or more encoders (folders or Hub ids)"})
-    output_dir: Path = field(metadata={"help": "folder for pca.png and similarity.png"})
-    images: list[Path] | None = field(
-        default=None, metadata={"help": "image files or folders (searched recursively)"}
-    )
-    heldout: int = field(default=4, metadata={"help": "held-out radiographs to render without --images"})
-    size: int | None = field(
-        default=None,
-        metadata={"help": "inference size in pixels (default: the held-out render size or the processor's)"},
-    )
-    query: list[float] | None = field(
-        default=None,
-        metadata={"help": "query pixel ROW COL in the first image (at --size; default: the centre)"},
-    )
-    random_init: bool = field(
-        default=False, metadata={"help": "add the first model's architecture, untrained"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the --random_init weights"})
-    batch_size: int = field(default=16, metadata={"help": "images per forward pass"})
-    device: str = field(
-        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "where the models run"}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "replace the pictures an earlier run left in --output_dir"}
-    )
-
-    def __post_init__(self) -> None:
-        # Paths from a .json/.yaml file arrive as strings.
-        self.output_dir = Path(self.output_dir)
-        self.images = None if self.images is None else [Path(path) for path in self.images]
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path needs at least one encoder")
-        for name in self.model_name_or_path:
-            check_model_source(name, "--model_name_or_path")
-        for path in self.images or []:
-            if not path.exists():
-                raise ValueError(f"--images {str(path)!r} does not exist")
-        if self.images is None and self.heldout < 1:
-            raise ValueError("--heldout must be at least 1")
-        if self.size is not None and self.size < 1:
-            raise ValueError("--size must be positive")
-        if self.query is not None and len(self.query) != 2:
-            raise ValueError(f"--query takes two numbers, ROW COL, got {self.query}")
 
 
 def load_processor(name: str, config: AceConfig) -> AceImageProcessor:
@@ -143,13 +73,14 @@ def read_sources(args: VisualizationArguments) -> list[EncoderSource]:
 def load_encoders(args: VisualizationArguments, sources: list[EncoderSource]) -> list[Encoder]:
     """Each model with its processor; the random-init reference copies the first one's architecture."""
     encoders: list[Encoder] = []
+    device = resolve_device(args.device)
     for source in sources:
-        model = AceModel.from_pretrained(source.name, config=source.config).to(args.device).eval()
+        model = AceModel.from_pretrained(source.name, config=source.config).to(device).eval()
         encoders.append((source.label, model, source.processor))
     if args.random_init:
         first_label, first_model, first_processor = encoders[0]
         torch.manual_seed(args.seed)
-        untrained = AceModel(copy.deepcopy(first_model.config)).to(args.device).eval()
+        untrained = AceModel(copy.deepcopy(first_model.config)).to(device).eval()
         encoders.append((f"{first_label} (random init, seed {args.seed})", untrained, first_processor))
     return encoders
 
@@ -271,15 +202,3 @@ def visualize(args: VisualizationArguments) -> list[Path]:
         image_grid(rows, labels).save(args.output_dir / filename)
         written.append(args.output_dir / filename)
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Draw both pictures and print their paths; returns the exit status (1 when no image was found)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = parse_arguments(VisualizationArguments, argv, description=__doc__)
-    written = run_or_exit(
-        lambda: visualize(args), (OutputDirError, ModelSourceError, SizeError, GeometryError)
-    )
-    for path in written:
-        print(path)
-    return 0 if written else 1

@@ -4,13 +4,13 @@
     python examples/extract_features.py ... --size 512x640 --resize_mode pad   # another input size
     python examples/extract_features.py extract.yaml   # the same arguments from a .json or .yaml file
 
-Every field of `ace_hf.features.FeatureExtractionArguments` is an option (--format npy|safetensors,
+Every field of `ace_hf.commands.extract_features.FeatureExtractionArguments` is an option (--format npy|safetensors,
 --batch_size, --device, ...); see `ace_hf.features` for the output layout.
 """
 
 import sys
 
-from ace_hf.features import main
+from ace_hf.commands.extract_features import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ The same as `ace-hf pretrain` (and `accelerate launch -m ace_hf pretrain`): the 
 `ace_hf.pretraining.pretrain`; `--help` lists every argument.
 """
 
-from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.cli import main
 
 if __name__ == "__main__":
     main()

@@ -6,10 +6,10 @@ findings classification. Writes `results.json` and `results.md` to --output_dir.
 
 Every field of `ace_hf.evaluation.config.EvaluationConfig` is an option (--num_anatomy_images,
 --segmentation_shots 1 5 20, --finetune_steps 0 to skip fine-tuning, ...); the options and what they do are in
-`ace_hf.evaluation.run`, which this script runs.
+`ace_hf.evaluation.cli`, which this script runs.
 """
 
-from ace_hf.evaluation.run import main
+from ace_hf.evaluation.cli import main
 
 if __name__ == "__main__":
     main()

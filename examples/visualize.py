@@ -5,13 +5,13 @@
         --query 200 150 --random_init --output_dir vis
     python examples/visualize.py visualize.yaml   # the same arguments from a .json or .yaml file
 
-Writes `pca.png` and `similarity.png` to --output_dir. Every field of `ace_hf.visualize.VisualizationArguments`
+Writes `pca.png` and `similarity.png` to --output_dir. Every field of `ace_hf.commands.visualize.VisualizationArguments`
 is an option; see `ace_hf.visualize` for what the pictures show.
 """
 
 import sys
 
-from ace_hf.visualize import main
+from ace_hf.commands.visualize import main
 
 if __name__ == "__main__":
     sys.exit(main())

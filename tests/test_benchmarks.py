@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ace_hf import AceConfig, AceForPreTraining
-from ace_hf.configuration_ace import ACE_PRESETS
 from ace_hf.optimization import WEIGHT_DECAY_FLAG, make_optimizer
+from ace_hf.presets_ace import ACE_PRESETS
 from ace_hf.pretraining.recipe import PretrainingRecipe
 from benchmarks import bench_pretraining
 from tests.conftest import TINY_HEADS, tiny_swin_config

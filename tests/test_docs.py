@@ -3,7 +3,6 @@
 Every ```python block of README.md and docs/*.md runs in a fresh process, in an empty folder with its own Hugging
 Face cache and no network. An HTML comment on the line right above a block says what the block needs:
 
-    <!-- needs: hub -->             the Hub, a GPU (`gpu`) or the user's own data (`data`): only its imports run
     <!-- setup: export -->          a tiny export in outputs/ace-pretrain and a chest_xray.png are there first
     <!-- argv: outputs/ace-pretrain 0 -->   the script's command-line arguments
     <!-- prints: outputs/ace-api 2 -->      the last line it prints
@@ -15,7 +14,6 @@ Shell blocks are checked by tests/test_readme_commands.py.
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shlex
@@ -37,7 +35,6 @@ from tests.conftest import tiny_vit_config
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!--\s*(.*?)\s*-->$")
-NEEDS = {"hub", "gpu", "data"}
 SETUPS = {"export"}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -49,7 +46,6 @@ class Snippet:
     path: Path
     line: int
     code: str
-    needs: frozenset[str] = frozenset()
     setup: frozenset[str] = frozenset()
     argv: tuple[str, ...] = ()
     slow: bool = False
@@ -83,7 +79,6 @@ def python_snippets(path: Path) -> list[Snippet]:
                     path=path,
                     line=number + 1,
                     code="\n".join(lines[number + 1 : end]) + "\n",
-                    needs=frozenset(items.get("needs", "").replace(",", " ").split()),
                     setup=frozenset(items.get("setup", "").replace(",", " ").split()),
                     argv=tuple(shlex.split(items.get("argv", ""))),
                     slow="slow" in items,
@@ -98,19 +93,15 @@ def python_snippets(path: Path) -> list[Snippet]:
 SNIPPETS = [snippet for path in DOCS for snippet in python_snippets(path)]
 
 
-def cases(run: bool) -> list:
-    """The snippets that run (run=True) or that only have their imports checked, slow ones marked."""
-    chosen = [snippet for snippet in SNIPPETS if bool(snippet.needs) != run]
-    return [
-        pytest.param(snippet, id=snippet.name, marks=[pytest.mark.slow] if snippet.slow else [])
-        for snippet in chosen
-    ]
+CASES = [
+    pytest.param(snippet, id=snippet.name, marks=[pytest.mark.slow] if snippet.slow else [])
+    for snippet in SNIPPETS
+]
 
 
 def test_every_marker_is_known() -> None:
     for snippet in SNIPPETS:
-        assert set(snippet.notes) <= {"needs", "setup", "argv", "prints", "slow"}, snippet.name
-        assert snippet.needs <= NEEDS, snippet.name
+        assert set(snippet.notes) <= {"setup", "argv", "prints", "slow"}, snippet.name
         assert snippet.setup <= SETUPS, snippet.name
 
 
@@ -130,7 +121,7 @@ def prepare(folder: Path, setup: frozenset[str]) -> None:
         )
 
 
-@pytest.mark.parametrize("snippet", cases(run=True))
+@pytest.mark.parametrize("snippet", CASES)
 def test_snippet_runs_as_printed(snippet: Snippet, tmp_path: Path) -> None:
     prepare(tmp_path, snippet.setup)
     env = {
@@ -152,15 +143,6 @@ def test_snippet_runs_as_printed(snippet: Snippet, tmp_path: Path) -> None:
         assert result.stdout.strip().endswith(snippet.notes["prints"]), result.stdout[-2000:]
     for output_dir in re.findall(r'output_dir="([^"]+)"', snippet.code):
         assert (tmp_path / output_dir / "model.safetensors").is_file(), output_dir
-
-
-@pytest.mark.parametrize("snippet", cases(run=False))
-def test_snippet_that_needs_more_imports(snippet: Snippet) -> None:
-    """A block that needs the Hub, a GPU or the user's data still compiles and imports what it names."""
-    tree = ast.parse(snippet.code, filename=snippet.name)
-    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    assert imports, f"{snippet.name} imports nothing to check"
-    exec(compile(ast.Module(body=imports, type_ignores=[]), snippet.name, "exec"), {})
 
 
 def heading_anchor(heading: str) -> str:

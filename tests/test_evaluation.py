@@ -24,13 +24,14 @@ from ace_hf import (
     sample_view_origins,
 )
 from ace_hf.evaluation import properties
+from ace_hf.evaluation.arguments import BASELINE_COLUMN, EvaluationArguments
 from ace_hf.evaluation.baseline import (
-    BASELINE_COLUMN,
     WIDTH,
     PixelEncoder,
     baseline_description,
     context_descriptor,
 )
+from ace_hf.evaluation.cli import main, parse_args
 from ace_hf.evaluation.config import FULL_SUITE, QUICK_SUITE, EvaluationConfig
 from ace_hf.evaluation.fewshot import classification_fewshot, segmentation_fewshot
 from ace_hf.evaluation.heldout import HeldOutData, encode, normalize_pixels, unnormalize_pixels
@@ -42,7 +43,7 @@ from ace_hf.evaluation.properties import (
     view_correspondence,
 )
 from ace_hf.evaluation.report import results_markdown
-from ace_hf.evaluation.run import EvaluationArguments, load_encoders, main, parse_args
+from ace_hf.evaluation.run import load_encoders
 from ace_hf.evaluation.suite import evaluate_encoder
 from ace_hf.sampling import draw
 from tests.conftest import tiny_vit_config

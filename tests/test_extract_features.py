@@ -24,7 +24,8 @@ from safetensors.numpy import load_file
 from ace_hf import AceImageProcessor, AceModel
 from ace_hf.arguments import ModelSourceError, check_model_source, parse_arguments, parse_size
 from ace_hf.commands import main as ace_hf_command
-from ace_hf.features import FeatureExtractionArguments, extract_features, main, processor_overrides
+from ace_hf.commands.extract_features import FeatureExtractionArguments, main
+from ace_hf.features import extract_features, processor_overrides
 from tests.conftest import EXAMPLES, tiny_vit_config
 
 IMAGES = ["a.png", "sub/b.png", "sub/c16.png"]
@@ -304,7 +305,7 @@ def test_features_are_written_with_normal_permissions(model_dir, image_dir, tmp_
 
 
 def test_script_smoke(model_dir, image_dir, tmp_path, monkeypatch) -> None:
-    """examples/extract_features.py only parses and calls ace_hf.features.main: its flags and exit status."""
+    """examples/extract_features.py only parses and calls ace_hf.commands.extract_features.main: its flags and exit status."""
     argv = [
         "--model_name_or_path",
         str(model_dir),

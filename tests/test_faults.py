@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ace_hf.pretraining.__main__ import main
-from ace_hf.pretraining.checkpoints import checkpoint_dirs
+from ace_hf.pretraining.cli import main
+from ace_hf.runs import checkpoint_dirs
 from tests.conftest import tiny_vit_config
 from tests.test_pretrain_script import RESUME_ARGS, ROOT, _args, _write_images
 
@@ -31,7 +31,7 @@ import os, signal, sys
 import accelerate.checkpointing
 from ace_hf import AceForPreTraining
 
-from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.cli import main
 
 where, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -131,7 +131,7 @@ def test_a_full_disk_while_saving_fails_cleanly_and_keeps_the_previous_checkpoin
 CTRL_C_CHILD = """
 import os, signal, sys
 from ace_hf import AceForPreTraining
-from ace_hf.pretraining.__main__ import main
+from ace_hf.pretraining.cli import main
 
 update, calls = AceForPreTraining.update_teacher, [0]
 def update_then_ctrl_c(self, momentum):

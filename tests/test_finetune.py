@@ -24,8 +24,9 @@ from ace_hf.arguments import parse_arguments
 from ace_hf.commands import main as ace_hf_command
 from ace_hf.finetuning import FinetuningArguments, finetune, main
 from ace_hf.finetuning import loop as finetuning_loop
+from ace_hf.finetuning.arguments import TASK_SCORES, score_names
 from ace_hf.finetuning.data import DataError, few_shot_indices
-from ace_hf.finetuning.metrics import TASK_SCORES, improved, score_names, task_metrics
+from ace_hf.finetuning.metrics import improved, task_metrics
 from ace_hf.runs import OutputDirError, RunMismatchError, read_run_record
 from tests.conftest import EXAMPLES
 from tests.test_hub import FakeHfApi

@@ -48,6 +48,7 @@ REMOTE_CODE_FILES = [
     "image_processing_ace.py",
     "correspondence_ace.py",
     "losses_ace.py",
+    "presets_ace.py",
 ]
 SUMMARY = {
     "dataset": "300 synthetic chest radiographs",

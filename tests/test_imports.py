@@ -3,7 +3,7 @@ another module's private names, publishing and conversion free of the renderer a
 remote-code files loadable from a Hub folder with nothing but torch, numpy and transformers installed.
 
 The checks read the source with `ast` rather than importing it: they take milliseconds, see imports inside
-functions too, and name the file and line to fix. One fresh-interpreter check confirms what importing
+functions too (not those under `if TYPE_CHECKING:`, which never run), and name the file and line to fix. One fresh-interpreter check confirms what importing
 publishing and conversion really loads."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ REMOTE_CODE = (
     "image_processing_ace",
     "correspondence_ace",
     "losses_ace",
+    "presets_ace",
 )
 REMOTE_CODE_PACKAGES = {"torch", "numpy", "transformers"}
 
@@ -114,6 +115,16 @@ def relative_base(path: Path, level: int, module: str | None) -> str:
     return f"{base}.{module}" if module else base
 
 
+def is_type_checking_block(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): its imports are for type checkers and never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 @cache
 def imports(path: Path) -> tuple[Import, ...]:
     """Every name bound by an import statement in `path`, at any nesting level (functions' lazy imports too)."""
@@ -130,6 +141,10 @@ def imports(path: Path) -> tuple[Import, ...]:
             for alias in node.names:
                 local, binds = alias.asname or alias.name, f"{base}.{alias.name}"
                 found.append(Import(base, alias.name, local, binds, node.lineno, node.level, in_function))
+        if is_type_checking_block(node):  # never runs: annotations only
+            for child in node.orelse:
+                visit(child, in_function)
+            return
         inside = in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         for child in ast.iter_child_nodes(node):
             visit(child, inside)
@@ -326,10 +341,24 @@ def test_importing_publishing_and_conversion_loads_neither_the_renderer_nor_the_
 
 
 def test_the_package_namespace_holds_only_its_own_public_names() -> None:
-    """`import ace_hf` registers the Auto classes without leaving transformers' names in the namespace."""
+    """`ace_hf` lists its own names and nothing of transformers' (the Auto classes it registers with stay there),
+    and each name it lists resolves."""
     import ace_hf
 
-    public = {name for name in vars(ace_hf) if not name.startswith("_")}
+    public = {name for name in dir(ace_hf) if not name.startswith("_")}
     submodules = {name for name in public if isinstance(getattr(ace_hf, name), type(ace_hf))}
     assert public - submodules == set(ace_hf.__all__)
     assert not {name for name in public if name.startswith("Auto")}
+    assert all(getattr(ace_hf, name) is not None for name in ace_hf.__all__)
+
+
+def test_importing_ace_hf_loads_neither_torch_nor_transformers_models_and_first_use_registers() -> None:
+    """`import ace_hf` stays cheap (the command line's --help must not wait for torch); the first ACE name used
+    registers the ACE classes with the Auto classes."""
+    code = (
+        "import sys, ace_hf; print('torch' in sys.modules); from transformers import AutoModel; "
+        "from ace_hf import AceConfig; print(AutoModel._model_mapping[AceConfig].__name__)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["False", "AceModel"]

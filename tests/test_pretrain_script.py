@@ -24,12 +24,11 @@ from ace_hf import arguments as shared_arguments
 from ace_hf.arguments import parse_arguments
 from ace_hf.hub import PRETRAINING_HEADS_NAME
 from ace_hf.pretraining import PretrainingArguments
-from ace_hf.pretraining.__main__ import main
-from ace_hf.pretraining.arguments import parse_overrides
-from ace_hf.pretraining.checkpoints import checkpoint_dirs
+from ace_hf.pretraining.cli import main
 from ace_hf.pretraining.guard import RELAYED_SIGNAL_S, StepGuard, graceful_stop
 from ace_hf.pretraining.loop import build_config, build_model
-from ace_hf.runs import read_run_record
+from ace_hf.pretraining.overrides import parse_overrides
+from ace_hf.runs import checkpoint_dirs, read_run_record
 from tests.conftest import tiny_vit_config
 from tests.test_hub import FakeHfApi
 
@@ -719,7 +718,7 @@ def test_a_tracker_that_is_not_installed_is_refused_before_training(
     tmp_path, tiny_config_dir, capsys, monkeypatch
 ) -> None:
     """Accelerate would warn once and then log nothing for the whole run."""
-    monkeypatch.setitem(shared_arguments.TRACKERS, "wandb", lambda: False)
+    monkeypatch.setattr(shared_arguments, "tracker_available", lambda name: name != "wandb")
     data = _write_images(tmp_path / "data", 2)
     argv = [*_args(data, tiny_config_dir, tmp_path / "out"), "--report_to", "wandb"]
     assert "--report_to wandb needs the wandb package: pip install wandb" in _refused(argv, capsys)

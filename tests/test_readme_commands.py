@@ -14,13 +14,13 @@ from accelerate.commands.launch import launch_command_parser
 from ace_hf.arguments import parse_arguments
 from ace_hf.commands import SUBCOMMANDS
 from ace_hf.commands.convert import ConversionArguments
+from ace_hf.commands.extract_features import FeatureExtractionArguments
+from ace_hf.commands.visualize import VisualizationArguments
+from ace_hf.evaluation.arguments import EvaluationArguments
 from ace_hf.evaluation.config import EvaluationConfig
-from ace_hf.evaluation.run import EvaluationArguments
-from ace_hf.features import FeatureExtractionArguments
 from ace_hf.finetuning import FinetuningArguments
 from ace_hf.pretraining import PretrainingArguments
-from ace_hf.pretraining.__main__ import add_view_flags
-from ace_hf.visualize import VisualizationArguments
+from ace_hf.pretraining.cli import add_view_flags
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -14,7 +14,6 @@ import pytest
 
 from ace_hf.arguments import parse_arguments
 from ace_hf.pretraining import PretrainingArguments, pretrain
-from ace_hf.pretraining.checkpoints import checkpoint_dirs
 from ace_hf.runs import (
     LaunchError,
     OutputDirError,
@@ -22,6 +21,7 @@ from ace_hf.runs import (
     check_launch,
     check_output_dir,
     check_resume,
+    checkpoint_dirs,
     clear_previous_run,
     close_segment,
     normal_file_permissions,
@@ -116,6 +116,9 @@ def test_output_paths_are_checked_with_one_clear_line(tmp_path) -> None:
         check_output_dir(Path("/proc/forbidden"), resuming=False, overwrite=False, needed_bytes=0)
 
 
+CHECKPOINT = Path("outputs/checkpoints/step_6")
+
+
 def _record(step: int, **fields) -> dict:
     return {"state": {"step": step}, "fingerprint": run_fingerprint(**fields), "segments": []}
 
@@ -123,25 +126,27 @@ def _record(step: int, **fields) -> dict:
 def test_resume_names_every_differing_field_and_accepts_allowed_ones() -> None:
     fields = {"config": {"hidden_size": 8, "depths": (2, 2)}, "global_batch": 16, "learning_rate": 2e-3}
     saved = _record(6, **fields)
-    assert check_resume(saved, run_fingerprint(**fields), total_steps=10, allowed=set()) == {}
+    assert check_resume(CHECKPOINT, saved, run_fingerprint(**fields), total_steps=10, allowed=set()) == {}
     current = run_fingerprint(
         config={"hidden_size": 16, "depths": (2, 2)}, global_batch=32, learning_rate=2e-3
     )
     with pytest.raises(RunMismatchError) as error:
-        check_resume(saved, current, total_steps=10, allowed=set())
+        check_resume(CHECKPOINT, saved, current, total_steps=10, allowed=set())
     message = str(error.value)
     assert "config.hidden_size: 8 -> 16" in message and "global_batch: 16 -> 32" in message
     assert "learning_rate" not in message and "depths" not in message
     assert "--allow_run_changes config.hidden_size,global_batch" in message
-    changes = check_resume(saved, current, total_steps=10, allowed={"config.hidden_size", "global_batch"})
+    changes = check_resume(
+        CHECKPOINT, saved, current, total_steps=10, allowed={"config.hidden_size", "global_batch"}
+    )
     assert changes == {"config.hidden_size": [8, 16], "global_batch": [16, 32]}
-    assert check_resume(saved, current, total_steps=10, allowed={"all"}) == changes
+    assert check_resume(CHECKPOINT, saved, current, total_steps=10, allowed={"all"}) == changes
 
 
 def test_a_checkpoint_past_the_planned_end_is_refused() -> None:
     saved = _record(360, total_steps=360)
     with pytest.raises(RunMismatchError, match="step 360, past this run's 6 planned steps"):
-        check_resume(saved, run_fingerprint(total_steps=6), total_steps=6, allowed={"all"})
+        check_resume(CHECKPOINT, saved, run_fingerprint(total_steps=6), total_steps=6, allowed={"all"})
 
 
 def test_run_records_round_trip_and_old_checkpoints_are_named(tmp_path) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ace_hf import AceImageProcessor, AceModel
+from ace_hf.commands.visualize import VisualizationArguments, main
 from ace_hf.visualization import (
     GAP,
     LABEL_HEIGHT,
@@ -26,7 +27,7 @@ from ace_hf.visualization import (
     similarity_maps,
     to_pil,
 )
-from ace_hf.visualize import GeometryError, VisualizationArguments, main, visualize
+from ace_hf.visualize import GeometryError, visualize
 from tests.conftest import EXAMPLES, tiny_vit_config
 from tests.test_extract_features import assert_one_error_line, run_command
 
@@ -244,7 +245,7 @@ def test_bad_arguments_are_refused(argv: list[str], tmp_path: Path, capsys: pyte
 
 
 def test_script_smoke(models_and_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """examples/visualize.py only parses and calls ace_hf.visualize.main: its flags and exit status."""
+    """examples/visualize.py only parses and calls ace_hf.commands.visualize.main: its flags and exit status."""
     with_processor, _, images = models_and_images
     argv = ["--model_name_or_path", str(with_processor), "--images", str(images / "a.png")]
     monkeypatch.setattr(

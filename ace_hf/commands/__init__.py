@@ -21,7 +21,7 @@ from collections.abc import Sequence
 # name -> (module whose `main(argv)` runs it, one line for `ace-hf --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": (
-        "ace_hf.pretraining.__main__",
+        "ace_hf.pretraining.cli",
         "Pretrain an ACE encoder (one CPU, one GPU or many) and export it.",
     ),
     "finetune": (
@@ -29,11 +29,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Fine-tune or linearly probe an encoder for classification or segmentation.",
     ),
     "evaluate": (
-        "ace_hf.evaluation.run",
+        "ace_hf.evaluation.cli",
         "Measure encoders on held-out radiographs (matching, few-shot tasks).",
     ),
-    "extract-features": ("ace_hf.features", "Global and dense embeddings of a folder of images."),
-    "visualize": ("ace_hf.visualize", "PCA and query-similarity pictures of dense embeddings."),
+    "extract-features": (
+        "ace_hf.commands.extract_features",
+        "Global and dense embeddings of a folder of images.",
+    ),
+    "visualize": ("ace_hf.commands.visualize", "PCA and query-similarity pictures of dense embeddings."),
     "convert": (
         "ace_hf.commands.convert",
         "Convert an official ACE (or DINO/timm) checkpoint into a Hub folder.",

@@ -10,20 +10,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..arguments import check_results_folder, parse_arguments, run_or_exit
-from ..configuration_ace import ACE_PRESETS, AceConfig
-from ..convert import (
-    CHECKPOINT_KEYS,
-    ace_model_from_timm_state_dict,
-    detect_backbone,
-    encoder_state_dict,
-    load_checkpoint,
-)
-from ..hub import EXPORT_FILES, export_pretrained
-from ..image_processing_ace import AceImageProcessor
+from ..presets_ace import ACE_PRESETS
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..configuration_ace import AceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +35,11 @@ class ConversionArguments:
     )
     config: str | None = field(default=None, metadata={"help": "An AceConfig config.json (or its folder)."})
     key: str = field(
-        default="auto", metadata={"help": "Checkpoint entry.", "choices": ("auto", *CHECKPOINT_KEYS)}
+        default="auto",
+        metadata={
+            "help": "Checkpoint entry holding the encoder; auto: the first of ace_hf.convert.CHECKPOINT_KEYS "
+            "(ACE's and DINO's teacher first) that the file has."
+        },
     )
     unsafe_load: bool = field(
         default=False, metadata={"help": "Allow arbitrary pickled objects (trusted files)."}
@@ -59,6 +58,9 @@ class ConversionArguments:
 
 def config_for(args: ConversionArguments, state_dict: Mapping[str, torch.Tensor]) -> AceConfig:
     """--config, else --model_preset, else the B-size preset of the detected backbone."""
+    from ..configuration_ace import AceConfig
+    from ..convert import detect_backbone
+
     if args.config:
         return AceConfig.from_pretrained(args.config)
     preset = args.model_preset or f"ace-{detect_backbone(state_dict)}-b"
@@ -68,6 +70,11 @@ def config_for(args: ConversionArguments, state_dict: Mapping[str, torch.Tensor]
 
 def convert(args: ConversionArguments) -> Path:
     """Convert and export; returns the folder written."""
+    # Imported here, not above: they load torch, which `--help` and argument mistakes need not wait for.
+    from ..convert import ace_model_from_timm_state_dict, encoder_state_dict, load_checkpoint
+    from ..hub import EXPORT_FILES, export_pretrained
+    from ..image_processing_ace import AceImageProcessor
+
     check_results_folder(Path(args.output_dir), EXPORT_FILES, "--output_dir", args.overwrite_output_dir)
     logger.info(f"Reading {args.checkpoint}")
     state_dict = encoder_state_dict(load_checkpoint(args.checkpoint, args.unsafe_load), args.key)

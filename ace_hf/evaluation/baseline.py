@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from ..configuration_ace import AceConfig
 from ..image_processing_ace import AceImageProcessor
 from ..modeling_ace import AceModelOutput
+from .arguments import CONTEXT_RADIUS
 
-BASELINE_COLUMN = "pixel baseline"
-CONTEXT_RADIUS = 4
 OWN_PIXELS_SIDE = 4  # a token's own pixels in the descriptor: pooled to 4 x 4
 POOLED_SIDE = 16  # the global embedding: the image pooled to 16 x 16
 WIDTH = POOLED_SIDE**2  # channels of both embeddings (the descriptor is zero-padded to it)

@@ -1,5 +1,5 @@
 """What the evaluation suite renders and runs: one dataclass, shared by the suite, the few-shot tasks and the
-command line (every field is an option of `ace_hf.evaluation.run`)."""
+command line (every field is an option of `ace-hf evaluate`, `ace_hf.evaluation.cli`)."""
 
 from __future__ import annotations
 
@@ -35,33 +35,15 @@ def _sized(help_text: str) -> Any:
     return field(default=None, metadata={"help": help_text})
 
 
+def _help(help_text: str, default: Any) -> Any:
+    """A field with its description: the one place it is written (the command line's --help shows it)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class EvaluationConfig:
-    """What the suite renders and runs (its time, measured on a 2-core CPU: `ace_hf.evaluation.run`).
-
-    Args:
-        quick: the smaller suite of QUICK_SUITE for the fields left unset (None), FULL_SUITE otherwise.
-        render_size: side of the held-out renders in pixels; None: the model's pretraining image
-            (`grid_size * token_stride`), so that one token covers the same anatomy as in pretraining.
-        num_anatomy_images: held-out renders for property analysis and segmentation.
-        num_findings_images: held-out renders with findings for the global task.
-        crop_fraction: side of the random crops of the property analysis, as a fraction of the render.
-        matching_images: renders used for anatomical and landmark matching (all ordered pairs); None: all
-            `num_anatomy_images`. Fewer renders make matching depend on which crops were drawn: with 24 (the
-            default until 2026-11-26) the crops of two seeds moved the scores by 0.02 to 0.04 (docs/results.md).
-        min_label_fraction: a patch gets a structure label when that structure covers at least this
-            fraction of its pixels (else it is ignored).
-        segmentation_shots, classification_shots: k labelled radiographs of the few-shot tasks.
-        test_fraction: share of the renders held back as the few-shot test set.
-        repeats: draws of the k training radiographs per (task, k); results are averaged.
-        probe_steps, probe_learning_rate: full-batch AdamW training of the linear heads on frozen features.
-        finetune_steps, finetune_learning_rate, finetune_batch_size: end-to-end fine-tuning (the head gets
-            10x the encoder's learning rate). `finetune_steps=0` skips fine-tuning.
-        finetune_repeats: how many of the `repeats` draws are also fine-tuned (fine-tuning costs far more
-            than a linear head on cached features).
-        batch_size: images per forward pass when extracting features.
-        seed: seed of crops, few-shot draws and head initialization.
-    """
+    """What the suite renders and runs (its time, measured on a 2-core CPU: `ace_hf.evaluation.cli`). Each field's
+    help says what it sets."""
 
     quick: bool = field(
         default=False,
@@ -72,37 +54,57 @@ class EvaluationConfig:
             "score rests on one draw, and the fine-tuning rows are missing."
         },
     )
-    render_size: int | None = None
+    render_size: int | None = _help(
+        "Side of the held-out renders in pixels (unset: the model's pretraining image, grid_size * token_stride, "
+        "so that one token covers the same anatomy as in pretraining).",
+        None,
+    )
     num_anatomy_images: int | None = _sized(
         "Held-out renders for property analysis and segmentation (unset: 64, or 24 with --quick)."
     )
     num_findings_images: int | None = _sized(
         "Held-out renders with findings (unset: 120, or 48 with --quick)."
     )
-    crop_fraction: float = 0.7
-    matching_images: int | None = None
-    min_label_fraction: float = 0.5
+    crop_fraction: float = _help(
+        "Side of the random crops of the property analysis, as a fraction of the render.", 0.7
+    )
+    matching_images: int | None = _help(
+        "Renders used for anatomical and landmark matching, all ordered pairs (unset: all of "
+        "--num_anatomy_images). With 24 the crops of two seeds moved the scores by 0.02 to 0.04 (docs/results.md).",
+        None,
+    )
+    min_label_fraction: float = _help(
+        "A patch gets a structure label when that structure covers at least this fraction of its pixels (else "
+        "it is ignored).",
+        0.5,
+    )
     segmentation_shots: list[int] | None = _sized(
         "k of few-shot segmentation (unset: 1 5 20, or 1 5 with --quick)."
     )
     classification_shots: list[int] | None = _sized(
         "k of few-shot findings (unset: 10 40, or 10 with --quick)."
     )
-    test_fraction: float = 0.375
+    test_fraction: float = _help("Share of the renders held back as the few-shot test set.", 0.375)
     repeats: int | None = _sized(
         "Draws of the k training renders per task and k (unset: 2, or 1 with --quick)."
     )
-    probe_steps: int = 300
-    probe_learning_rate: float = 1e-2
+    probe_steps: int = _help("Full-batch AdamW steps of the linear heads on frozen features.", 300)
+    probe_learning_rate: float = _help("Learning rate of the linear heads.", 1e-2)
     finetune_steps: int | None = _sized(
         "End-to-end fine-tuning steps, 0 skips it (unset: 40, or 0 with --quick)."
     )
-    finetune_learning_rate: float = 1e-4
-    finetune_batch_size: int = 4
-    finetune_repeats: int = 1
-    batch_size: int = 16
-    seed: int = 0
-    cache_dir: str | None = None
+    finetune_learning_rate: float = _help(
+        "Encoder learning rate of end-to-end fine-tuning (the head gets 10x).", 1e-4
+    )
+    finetune_batch_size: int = _help("Renders per fine-tuning step.", 4)
+    finetune_repeats: int = _help(
+        "How many of the --repeats draws are also fine-tuned (it costs far more than a linear head).", 1
+    )
+    batch_size: int = _help("Images per forward pass when extracting features.", 16)
+    seed: int = _help("Seed of the crops, the few-shot draws and the heads' initialization.", 0)
+    cache_dir: str | None = _help(
+        "Folder of the cached held-out renders (unset: HF_DATASETS_CACHE/ace_hf).", None
+    )
 
     def __post_init__(self) -> None:
         for name, value in (QUICK_SUITE if self.quick else FULL_SUITE).items():

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..configuration_ace import IGNORE_INDEX, AceConfig
-from ..metrics import load_metric, roc_auc
+from ..configuration_ace import AceConfig
+from ..metrics import mean_iou, roc_auc
 from ..modeling_ace import AceForImageClassification, AceForSemanticSegmentation, AceModel
+from ..presets_ace import IGNORE_INDEX
 from ..sampling import draw
 from .config import EvaluationConfig, num_test_renders
 from .heldout import HeldOutData, encode, normalize_pixels
@@ -178,13 +179,7 @@ def classification_fewshot(
 
 def segmentation_scores(predictions: torch.Tensor, references: torch.Tensor, num_labels: int) -> float:
     """Mean IoU of label maps [N, H, W] through the project's `mean_iou` metric module."""
-    scores = load_metric("mean_iou").compute(
-        predictions=predictions.numpy(),
-        references=references.numpy(),
-        num_labels=num_labels,
-        ignore_index=IGNORE_INDEX,
-    )
-    return float(scores["mean_iou"])
+    return float(mean_iou(predictions, references, num_labels, IGNORE_INDEX)["mean_iou"])
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

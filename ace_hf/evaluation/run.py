@@ -1,27 +1,6 @@
-"""Evaluate ACE encoders on held-out chest radiographs: anatomical consistency, few-shot segmentation and
-findings classification (see `ace_hf.evaluation.suite`). Writes `results.json` and `results.md` to --output_dir.
-
-    ace-hf evaluate --model_name_or_path outputs/ace-pretrain --random_init
-    ace-hf evaluate --model_name_or_path org/ace-vit-b outputs/my-run --names hub mine
-
-Every field of `ace_hf.evaluation.config.EvaluationConfig` is an option (--num_anatomy_images,
---segmentation_shots 1 5 20, --finetune_steps 0 to skip fine-tuning, ...). `--random_init` adds the first model's
-architecture at random initialization, the baseline a pretrained encoder must beat; `--random_init_seeds 0 1 2`
-adds the random initializations of several pretraining seeds, evaluated on the same crops and draws. A "pixel
-baseline" column, on by default (--no_pixel_baseline), scores the pixels themselves through the same metrics: no
-model, 30 to 45 s here (`ace_hf.evaluation.baseline`). A single .json or .yaml file of options can stand for the
-command line.
-
-Time, measured on the project's 2-core CPU for an ace-vit-tiny export (320 px renders): the first run renders
-the 64 + 120 held-out radiographs (about 2 minutes, 0.6 s each; cached in --cache_dir, by default
-HF_DATASETS_CACHE/ace_hf), then each column takes about 70 s (few-shot segmentation with fine-tuning 40 s,
-findings 17 s, matching 8 s): the default `--random_init` command takes about 4.5 minutes the first time and 2.5
-after. The same command took 21 minutes while other jobs shared the CPU. `--quick` renders 24 + 48 radiographs
-(45 s, once) and takes about 5 s per column. Larger encoders and renders (ace-vit-b renders 1024 px) take far
-longer on a CPU (not measured); each task's progress bar shows its rate and the time left.
-
-An --output_dir that already holds results is refused unless --overwrite_output_dir; a missing model folder or a
-few-shot k the renders cannot supply is one `error:` line before anything loads or renders.
+"""`run_evaluation`: the suite (`ace_hf.evaluation.suite`) on several encoders, with the same crops and draws,
+and the results written as results.json and results.md. Its command line is `ace-hf evaluate`
+(`ace_hf.evaluation.cli`).
 
 Training-side module: never imported by the files that travel to the Hub.
 """
@@ -31,88 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..arguments import (
-    ModelSourceError,
-    check_model_source,
-    check_results_folder,
-    parse_arguments,
-    read_model_config,
-    run_or_exit,
-)
+from ..arguments import check_results_folder, read_model_config, resolve_device
 from ..configuration_ace import AceConfig
 from ..modeling_ace import AceModel
-from ..runs import OutputDirError
-from .baseline import BASELINE_COLUMN, CONTEXT_RADIUS, PixelEncoder, baseline_description
-from .config import EvaluationConfig, ShotsError, check_shots
+from .arguments import BASELINE_COLUMN, EvaluationArguments
+from .baseline import PixelEncoder, baseline_description
+from .config import EvaluationConfig, check_shots
 from .report import results_markdown
 from .suite import evaluate_encoder
 
 logger = logging.getLogger(__name__)
 
 RESULTS = ("results.json", "results.md")
-
-
-@dataclass
-class EvaluationArguments:
-    """Which encoders to compare and where the results go; what the suite runs is `EvaluationConfig`."""
-
-    model_name_or_path: list[str] = field(
-        default_factory=list, metadata={"help": "ACE encoders: folders, Hub ids or pretraining checkpoints."}
-    )
-    names: list[str] = field(default_factory=list, metadata={"help": "Column names (default: the paths)."})
-    random_init: bool = field(
-        default=False, metadata={"help": "Also evaluate the first model's architecture at random init."}
-    )
-    random_init_seeds: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "Random-init columns of the first model's architecture for these seeds (the weights a "
-            "from-scratch `ace-hf pretrain --seed s` run starts from under the same torch version), all on the same "
-            "crops and draws (--seed): paired comparisons over several seeds."
-        },
-    )
-    output_dir: str = field(
-        default="outputs/evaluation", metadata={"help": "Folder of results.json and results.md."}
-    )
-    device: str = field(
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        metadata={"help": "Device of the encoders (default: cuda when available)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace the results an earlier evaluation left in --output_dir."}
-    )
-    pixel_baseline: bool = field(
-        default=True,
-        metadata={
-            "help": f'A "{BASELINE_COLUMN}" column (no model, 30 to 45 s here): every metric on each token\'s '
-            "pixels and its neighbourhood's, the findings on the image pooled to 16 x 16 "
-            "(ace_hf.evaluation.baseline). --no_pixel_baseline leaves it out."
-        },
-    )
-    pixel_context_radius: int = field(
-        default=CONTEXT_RADIUS,
-        metadata={"help": "Tokens around each token in the pixel baseline's matching descriptor (radius)."},
-    )
-
-    def __post_init__(self) -> None:
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path is required (one or more encoders)")
-        if self.names and len(self.names) != len(self.model_name_or_path):
-            raise ValueError(f"--names needs one name per --model_name_or_path, got {self.names}")
-        for path in self.model_name_or_path:
-            check_model_source(path, "--model_name_or_path")
-        if self.pixel_baseline and BASELINE_COLUMN in (self.names or self.model_name_or_path):
-            raise ValueError(
-                f'--names "{BASELINE_COLUMN}" is the pixel baseline\'s column: name it otherwise'
-            )
-        if not 0 <= self.pixel_context_radius <= 7:
-            raise ValueError(f"--pixel_context_radius {self.pixel_context_radius}: must be 0 to 7")
 
 
 def load_encoders(args: EvaluationArguments, seed: int) -> dict[str, AceModel]:
@@ -165,11 +79,12 @@ def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[
     if args.pixel_baseline:
         model_config = next(iter(columns.values())).config
         columns[BASELINE_COLUMN] = PixelEncoder(model_config, args.pixel_context_radius)
+    device = resolve_device(args.device)
     results, wall_times = {}, {}
     for name, encoder in columns.items():
         logger.info(f"Evaluating {name}")
         start = time.perf_counter()
-        results[name] = evaluate_encoder(encoder.to(args.device), config)
+        results[name] = evaluate_encoder(encoder.to(device), config)
         if name == BASELINE_COLUMN:
             results[name]["features"] = baseline_description(args.pixel_context_radius)
         wall_times[name] = round(time.perf_counter() - start, 1)
@@ -177,20 +92,4 @@ def run_evaluation(args: EvaluationArguments, config: EvaluationConfig) -> dict[
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(results_markdown(results))
     logger.info(f"Wrote {output_dir / 'results.md'} and results.json (wall times: {wall_times})")
-    return results
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[EvaluationArguments, EvaluationConfig]:
-    """Arguments from the command line, or from a single .json/.yaml file given as the only argument."""
-    return parse_arguments((EvaluationArguments, EvaluationConfig), argv, description=__doc__)
-
-
-def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Parse the arguments, run the evaluation and print the Markdown table."""
-    args, config = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    results = run_or_exit(
-        lambda: run_evaluation(args, config), (OutputDirError, ShotsError, ModelSourceError)
-    )
-    print(results_markdown(results))
     return results

@@ -11,8 +11,27 @@ from pathlib import Path
 from typing import Literal
 
 from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to, parse_size
-from ..configuration_ace import IGNORE_INDEX
-from .metrics import TASK_SCORES, score_names
+from ..presets_ace import IGNORE_INDEX
+
+# The scalar scores each kind of task reports (with the validation loss, "loss"), its default best metric first:
+# what --metric_for_best_model may name. All are better when higher, the loss when lower.
+TASK_SCORES = {
+    "classification": ("balanced_accuracy", "accuracy", "roc_auc"),  # roc_auc with two classes only
+    "multi_label": ("roc_auc",),
+    "segmentation": ("mean_iou", "mean_accuracy", "overall_accuracy"),
+}
+# Scores that need exactly two classes.
+TWO_CLASS_SCORES = {"classification": ("roc_auc",)}
+
+
+def score_names(task_kind: str, num_labels: int | None = None) -> tuple[str, ...]:
+    """The scalar scores `evaluate` reports for `task_kind` with `num_labels` classes (None: every score it can
+    report for some number of classes), the default best metric first."""
+    two_class = TWO_CLASS_SCORES.get(task_kind, ())
+    scores = TASK_SCORES[task_kind]
+    if num_labels is not None and num_labels != 2:
+        scores = tuple(name for name in scores if name not in two_class)
+    return (*scores, "loss")
 
 
 @dataclass

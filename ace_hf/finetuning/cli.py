@@ -28,16 +28,18 @@ import logging
 from typing import Any
 
 from ..arguments import ModelSourceError, SizeError, parse_arguments, run_or_exit
-from ..hub import HubPushError
 from ..runs import OutputDirError, RunMismatchError
 from .arguments import FinetuningArguments
-from .data import DataError
-from .loop import finetune
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command-line entry: parse the options and run `finetune`."""
     args = parse_arguments(FinetuningArguments, argv, description=__doc__)
+    # Imported once the arguments hold: they load torch, which `--help` and argument mistakes need not wait for.
+    from ..hub import HubPushError
+    from .data import DataError
+    from .loop import finetune
+
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     # A push that cannot work (refused before training) or that failed after it, and the mistakes found before
     # the model loads (the output folder, the model, --size, the data) or on resuming: one line, no traceback.

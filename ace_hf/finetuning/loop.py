@@ -34,22 +34,19 @@ from transformers import (
     get_scheduler,
 )
 
+from ..checkpointing import prepare_output_dir, save_checkpoint
 from ..hub import check_push_target, push_to_hub
 from ..optimization import parameter_groups
-from ..pretraining.checkpoints import resolve_checkpoint, save_checkpoint
 from ..runs import (
-    RunMismatchError,
-    check_output_dir,
-    clear_previous_run,
-    fingerprint_differences,
+    check_resume,
     normal_file_permissions,
     read_run_record,
     run_fingerprint,
 )
-from .arguments import FinetuningArguments
+from .arguments import FinetuningArguments, score_names
 from .card import write_model_card
 from .data import Collator, DataError, TaskData, label_counts, load_processor, prepare_data
-from .metrics import format_metrics, improved, score_names, task_metrics
+from .metrics import format_metrics, improved, task_metrics
 
 logger = get_logger(__name__)
 
@@ -218,38 +215,6 @@ def run_bytes(model_name_or_path: str) -> int:
     return 4 * sum(path.stat().st_size for path in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
-def prepare_output_dir(accelerator: Accelerator, args: FinetuningArguments, output_dir: Path) -> Path | None:
-    """Refuse (OutputDirError) a folder holding another run's model or checkpoints unless this run resumes from
-    it or --overwrite_output_dir clears them; returns the checkpoint to resume from, if any."""
-    resume_from = args.resume_from_checkpoint
-    checkpoint = resolve_checkpoint(resume_from, output_dir) if resume_from else None
-    if resume_from and checkpoint is None:
-        logger.info(f"No checkpoint in {output_dir / 'checkpoints'} yet: starting from scratch.")
-    check_output_dir(
-        output_dir,
-        resuming=checkpoint is not None,
-        overwrite=args.overwrite_output_dir,
-        needed_bytes=run_bytes(args.model_name_or_path),
-        inputs={
-            "--model_name_or_path": args.model_name_or_path,
-            "--train_dir": args.train_dir,
-            "--train_csv": args.train_csv,
-            "--validation_csv": args.validation_csv,
-        },
-    )
-    if args.overwrite_output_dir and checkpoint is None and accelerator.is_main_process:
-        removed = clear_previous_run(output_dir)
-        if (output_dir / RESULTS_FILE).exists():  # scores of the model just removed
-            (output_dir / RESULTS_FILE).unlink()
-            removed.append(RESULTS_FILE)
-        if removed:
-            logger.warning(
-                f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} in {output_dir}"
-            )
-    accelerator.wait_for_everyone()
-    return checkpoint
-
-
 def fingerprint_of(
     args: FinetuningArguments,
     names: list[str],
@@ -283,18 +248,8 @@ def resume(
     if checkpoint is None:
         return RunState()
     record = read_run_record(checkpoint)
-    if differences := fingerprint_differences(record.get("fingerprint", {}), fingerprint):
-        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
-        raise RunMismatchError(
-            f"--resume_from_checkpoint {checkpoint} comes from a different run ({listed}): start a new run in "
-            "another --output_dir, or replace this one with --overwrite_output_dir."
-        )
+    check_resume(checkpoint, record, fingerprint, total_steps=total_steps)
     state = RunState(**record["state"])
-    if state.step > total_steps:
-        raise RunMismatchError(
-            f"--resume_from_checkpoint {checkpoint} is at step {state.step}, past this run's {total_steps} "
-            "steps: raise --num_train_epochs or --max_steps."
-        )
     accelerator.load_state(str(checkpoint))
     logger.info(f"Resumed from {checkpoint} after epoch {state.epoch} (step {state.step} of {total_steps}).")
     return state
@@ -320,7 +275,20 @@ def finetune(args: FinetuningArguments) -> dict[str, Any]:
         check_push_target(args.hub_model_id, args.hub_token)
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
-    checkpoint = prepare_output_dir(accelerator, args, output_dir)
+    checkpoint = prepare_output_dir(
+        accelerator,
+        output_dir,
+        resume_from=args.resume_from_checkpoint,
+        overwrite=args.overwrite_output_dir,
+        needed_bytes=run_bytes(args.model_name_or_path),
+        inputs={
+            "--model_name_or_path": args.model_name_or_path,
+            "--train_dir": args.train_dir,
+            "--train_csv": args.train_csv,
+            "--validation_csv": args.validation_csv,
+        },
+        also_clear=(RESULTS_FILE,),  # the scores of the model --overwrite_output_dir removes
+    )
 
     processor = load_processor(args)
     with accelerator.main_process_first():

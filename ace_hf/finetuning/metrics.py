@@ -11,27 +11,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import load_metric, roc_auc
-
-# The scalar scores each kind of task reports (with the validation loss, "loss"), its default best metric first:
-# what --metric_for_best_model may name. All are better when higher, the loss when lower.
-TASK_SCORES = {
-    "classification": ("balanced_accuracy", "accuracy", "roc_auc"),  # roc_auc with two classes only
-    "multi_label": ("roc_auc",),
-    "segmentation": ("mean_iou", "mean_accuracy", "overall_accuracy"),
-}
-# Scores that need exactly two classes.
-TWO_CLASS_SCORES = {"classification": ("roc_auc",)}
-
-
-def score_names(task_kind: str, num_labels: int | None = None) -> tuple[str, ...]:
-    """The scalar scores `evaluate` reports for `task_kind` with `num_labels` classes (None: every score it can
-    report for some number of classes), the default best metric first."""
-    two_class = TWO_CLASS_SCORES.get(task_kind, ())
-    scores = TASK_SCORES[task_kind]
-    if num_labels is not None and num_labels != 2:
-        scores = tuple(name for name in scores if name not in two_class)
-    return (*scores, "loss")
+from ..metrics import load_metric, mean_iou, roc_auc
 
 
 def classification_metrics(
@@ -59,12 +39,7 @@ def segmentation_metrics(
     predictions: torch.Tensor, references: torch.Tensor, names: list[str], ignore_index: int
 ) -> dict[str, Any]:
     """Mean IoU (and pixel accuracies) at the model's input resolution, where the masks were resized."""
-    scores = load_metric("mean_iou").compute(
-        predictions=predictions.numpy(),
-        references=references.numpy(),
-        num_labels=len(names),
-        ignore_index=ignore_index,
-    )
+    scores = mean_iou(predictions, references, len(names), ignore_index)
     per_category = {name: float(iou) for name, iou in zip(names, scores.pop("per_category_iou"), strict=True)}
     scores.pop("per_category_accuracy")
     return {key: float(value) for key, value in scores.items()} | {"per_category_iou": per_category}

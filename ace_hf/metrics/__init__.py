@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "balanced_accuracy", "mean_iou", "roc_auc")
 
-__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "metric_path", "roc_auc"]
+__all__ = ["METRICS_DIR", "METRIC_NAMES", "load_metric", "mean_iou", "metric_path", "roc_auc"]
 
 
 def metric_path(name: str) -> Path:
@@ -46,3 +46,14 @@ def roc_auc(scores: Any, references: Any, config_name: str = "multilabel") -> di
     except ValueError as error:
         logger.warning(f"ROC-AUC is undefined on these references: {error}")
         return {"roc_auc": math.nan}
+
+
+def mean_iou(predictions: Any, references: Any, num_labels: int, ignore_index: int) -> dict[str, Any]:
+    """Mean IoU, pixel accuracies and per-class IoU and accuracy of label maps [N, H, W] (CPU tensors), pixels
+    whose reference is `ignore_index` left out."""
+    return load_metric("mean_iou").compute(
+        predictions=predictions.numpy(),
+        references=references.numpy(),
+        num_labels=num_labels,
+        ignore_index=ignore_index,
+    )

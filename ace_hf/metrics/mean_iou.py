@@ -43,7 +43,7 @@ Examples:
     >>> result = mean_iou.compute(predictions=[[[0, 1], [1, 1]]], references=[[[0, 1], [0, 255]]],
     ...                           num_labels=2, ignore_index=255)
     >>> round(result["mean_iou"], 4)
-    0.75
+    0.5
 """
 
 _CITATION = """\

@@ -6,18 +6,12 @@ numbers themselves live there, once.
 
 from __future__ import annotations
 
-import copy
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to
-from ..configuration_ace import ACE_PRESETS, AceConfig
-from ..image_processing_ace import PRETRAINING_SETTING_NAMES, AceImageProcessor
-
-# What an overridden config field of each type takes, in an error message.
-VALUE_KINDS = {int: "an integer", float: "a number", str: "text"}
+from ..presets_ace import ACE_PRESETS
 
 
 def _help(text: str, default=None, **extra):
@@ -140,6 +134,11 @@ class PretrainingArguments:
         no weights); one on the Hub is not fetched here, so with it only their names and forms are checked."""
         if not (self.config_overrides or self.augmentation_overrides):
             return
+        # Imported here, not above: they load torch, which `--help` and the other checks need not wait for.
+        from ..configuration_ace import AceConfig
+        from ..image_processing_ace import AceImageProcessor
+        from .overrides import overridden_config, parse_overrides, read_config
+
         option = "--model_name_or_path" if self.model_name_or_path else "--config_name"
         source = self.model_name_or_path or self.config_name
         local = source is None or Path(source).expanduser().exists()
@@ -154,68 +153,4 @@ class PretrainingArguments:
                 raise ValueError(f"--augmentation_overrides {self.augmentation_overrides}: {error}") from None
 
 
-def read_config(source: str, option: str) -> AceConfig:
-    """The config in the local model folder or config file `source`; a ValueError naming `option` otherwise."""
-    try:
-        return AceConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{option} {source}: not an ACE config ({reason})") from None
-
-
-def overridden_config(config: AceConfig, text: str, validate: bool = True) -> AceConfig:
-    """A copy of `config` with the --config_overrides `text` ('name=value,...') applied as the run applies them
-    (`PretrainedConfig.update_from_string`), and, with `validate`, checked to build a working model; a
-    ValueError naming the override otherwise."""
-    config = copy.deepcopy(config)
-    names = sorted(name for name in vars(config) if not name.startswith("_"))
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        if not (sep and name and value) or "=" in value:
-            raise ValueError(
-                f"--config_overrides: {item!r} is not name=value (items are separated by commas)"
-            )
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"--config_overrides: AceConfig has no field {name!r}{hint}")
-        current = getattr(config, name)
-        if not isinstance(current, bool | int | float | str):
-            raise ValueError(
-                f"--config_overrides: {name} cannot be overridden here (only number, true/false and text fields)"
-            )
-        try:
-            config.update_from_string(item)
-        except ValueError:
-            kind = "true or false" if isinstance(current, bool) else VALUE_KINDS[type(current)]
-            raise ValueError(f"--config_overrides: {item!r}: {name} takes {kind}") from None
-    if validate:
-        try:
-            config.validate_ace()
-        except ValueError as error:
-            raise ValueError(f"--config_overrides {text}: {error}") from None
-    return config
-
-
-def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
-    """--augmentation_overrides 'a=0.2,b=1:2' -> {"a": 0.2, "b": (1.0, 2.0)}, refusing a field the image
-    processor does not have; the processor checks the values."""
-    overrides: dict[str, float | tuple[float, float]] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            numbers = tuple(float(part) for part in value.split(":"))
-        except ValueError:
-            raise ValueError(
-                f"--augmentation_overrides: {item!r} is not key=number or key=low:high"
-            ) from None
-        overrides[key.strip()] = numbers[0] if len(numbers) == 1 else numbers
-    unknown = sorted(set(overrides) - set(PRETRAINING_SETTING_NAMES))
-    if unknown:
-        raise ValueError(f"--augmentation_overrides: AceImageProcessor has no field(s) {', '.join(unknown)}")
-    return overrides
-
-
-__all__ = ["PretrainingArguments", "overridden_config", "parse_overrides"]
+__all__ = ["PretrainingArguments"]

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..checkpointing import prepare_output_dir, save_checkpoint
 from ..configuration_ace import AceConfig
 from ..convert import init_from_timm
 from ..hub import check_push_target, export_pretrained, pretraining_model_from_export, push_to_hub
@@ -36,23 +37,16 @@ from ..optimization import (
     make_optimizer,
 )
 from ..runs import (
+    CHECKPOINT_PREFIX,
     check_launch,
-    check_output_dir,
     check_resume,
-    clear_previous_run,
     close_segment,
     finished_run_summary,
     read_run_record,
     run_fingerprint,
 )
-from .arguments import PretrainingArguments, overridden_config, parse_overrides
-from .checkpoints import (
-    CHECKPOINT_PREFIX,
-    checkpoint_bytes,
-    resolve_checkpoint,
-    save_checkpoint,
-    whole_model,
-)
+from .arguments import PretrainingArguments
+from .checkpoints import checkpoint_bytes, whole_model
 from .data import (
     ImageBatchCollator,
     IndexedDataset,
@@ -62,6 +56,7 @@ from .data import (
     load_pretraining_dataset,
 )
 from .guard import CheckSchedule, StepGuard, check_replicas_in_sync, graceful_stop
+from .overrides import overridden_config, parse_overrides
 from .recipe import OPTIMIZATION_FIELDS, PretrainingRecipe
 
 logger = get_logger(__name__)
@@ -336,12 +331,10 @@ def resume(
     """Load the checkpoint (after checking that it is this run's) into the prepared objects, or start afresh."""
     run = RunRecord(fingerprint, TrainingState())
     if checkpoint is None:
-        if args.resume_from_checkpoint:
-            logger.info("No checkpoint in the output folder yet: starting from scratch.")
         return run
     record = read_run_record(checkpoint)
     allowed = {name.strip() for name in args.allow_run_changes.split(",") if name.strip()}
-    run.changes = check_resume(record, fingerprint, total_steps=total_steps, allowed=allowed)
+    run.changes = check_resume(checkpoint, record, fingerprint, total_steps=total_steps, allowed=allowed)
     accelerator.load_state(str(checkpoint))
     # Checkpoints written before 2026-12-03 counted skipped reads (`skipped_images`), not files: their names are
     # in that run's log, not in the checkpoint, so the count restarts here.
@@ -353,33 +346,6 @@ def resume(
     if run.changes:
         logger.warning(f"Resuming with deliberate changes (recorded in the summary and card): {run.changes}")
     return run
-
-
-def prepare_output_dir(
-    accelerator: Accelerator, args: PretrainingArguments, config: AceConfig, output_dir: Path
-) -> Path | None:
-    """Refuse a folder that holds another run's work (unless told to replace it); the checkpoint to resume."""
-    checkpoint = (
-        resolve_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
-    )
-    check_output_dir(
-        output_dir,
-        resuming=checkpoint is not None,
-        overwrite=args.overwrite_output_dir,
-        needed_bytes=checkpoint_bytes(config),
-        inputs={
-            "--model_name_or_path": args.model_name_or_path,
-            "--config_name": args.config_name,
-            "--init_from_timm": args.init_from_timm,
-        },
-    )
-    if args.overwrite_output_dir and checkpoint is None and accelerator.is_main_process:
-        if removed := clear_previous_run(output_dir):
-            logger.warning(
-                f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)} in {output_dir}"
-            )
-    accelerator.wait_for_everyone()
-    return checkpoint
 
 
 def pretrain(args: PretrainingArguments) -> PretrainingResult:
@@ -405,7 +371,18 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     logger.info(accelerator.state, main_process_only=False)
 
     config = build_config(args)
-    checkpoint = prepare_output_dir(accelerator, args, config, output_dir)
+    checkpoint = prepare_output_dir(
+        accelerator,
+        output_dir,
+        resume_from=args.resume_from_checkpoint,
+        overwrite=args.overwrite_output_dir,
+        needed_bytes=checkpoint_bytes(config),
+        inputs={
+            "--model_name_or_path": args.model_name_or_path,
+            "--config_name": args.config_name,
+            "--init_from_timm": args.init_from_timm,
+        },
+    )
     model = build_model(args, config)
     config = model.config  # the model's own: loading an export or timm weights may adjust a copy
     if args.gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""`ace-hf pretrain` / `python -m ace_hf.pretraining`: pretrain an ACE encoder, then export (and push) it.
+"""`ace-hf pretrain`: pretrain an ACE encoder, then export (and push) it.
 
 ace-hf pretrain                                         # tiny preset on the built-in chest DRRs (CPU ok)
 ace-hf pretrain --train_dir my_xrays --model_preset ace-vit-b
@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..arguments import parse_arguments, run_or_exit
-from ..hub import HubPushError
 from ..runs import LaunchError, OutputDirError, RunMismatchError
 from .arguments import PretrainingArguments
-from .loop import pretrain
 
 
 def add_view_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_arguments(
         PretrainingArguments, argv, description=__doc__, prog="ace-hf pretrain", customize=add_view_flags
     )
+    # Imported once the arguments hold: they load torch, which `--help` and argument mistakes need not wait for.
+    from ..hub import HubPushError
+    from .loop import pretrain
+
     # Refused before anything was loaded or written (or, for a push, failed after the export): one line.
     user_errors = (HubPushError, LaunchError, OutputDirError, RunMismatchError)
     result = run_or_exit(lambda: pretrain(args), user_errors)
