@@ -107,6 +107,22 @@ def test_each_subcommand_help_names_it_in_the_usage_line(name: str, capsys: pyte
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_each_option_in_help_has_a_description_and_its_default(
+    name: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 23: `--help` shows what each option does and its default (argparse's `%(default)s` suffix)."""
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    options = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    # One entry per option: its flags on a line of their own or followed by the help, then indented help lines.
+    entries = [entry for entry in options.split("\n  -") if entry.strip()]
+    undescribed = [
+        entry.split()[0] for entry in entries if "(default:" not in entry and "show this help" not in entry
+    ]
+    assert not undescribed, f"ace-hf {name} --help: options without a description or default: {undescribed}"
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
 def test_an_unknown_option_is_the_subcommands_usage_error(name: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
         main([name, "--no_such_option", "1"])
