@@ -24,7 +24,7 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .arguments import check_results_folder, check_size, parse_size, read_model_config, resolve_device
-from .image_io import IMAGE_SUFFIXES, decode_image, find_images, load_or_skip
+from .image_io import decode_image, find_images, load_or_skip, readable_suffixes
 from .runs import normal_file_permissions
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def extract_features(args: FeatureExtractionArguments) -> ExtractionSummary:
     summary = ExtractionSummary()
     paths = find_images([args.input])
     if not paths:
-        logger.error(f"No images found at {args.input} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+        logger.error(f"No images found at {args.input} (suffixes: {', '.join(readable_suffixes())}).")
         return summary
     root = args.input if args.input.is_dir() else args.input.parent
     features: dict[str, np.ndarray] = {}  # safetensors format: written at the end

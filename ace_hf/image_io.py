@@ -29,13 +29,17 @@ def is_dicom(path: str | Path) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
+def readable_suffixes() -> tuple[str, ...]:
+    """The file suffixes read as images here: DICOM's only when pydicom is installed."""
+    dicom = importlib.util.find_spec("pydicom") is not None
+    return IMAGE_SUFFIXES + (DICOM_SUFFIXES if dicom else ())
+
+
 def list_image_files(folder: str | Path) -> list[Path]:
     """Every image file under `folder` (recursive, sorted); DICOM files only when pydicom is installed."""
     files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
-    suffixes = IMAGE_SUFFIXES
-    if importlib.util.find_spec("pydicom") is not None:
-        suffixes += DICOM_SUFFIXES
-    elif dicom_count := sum(is_dicom(path) for path in files):
+    suffixes = readable_suffixes()
+    if DICOM_SUFFIXES[0] not in suffixes and (dicom_count := sum(is_dicom(path) for path in files)):
         logger.warning(
             f"Skipping {dicom_count} DICOM file(s) in {folder}: pip install 'ace-hf[dicom]' to read them."
         )

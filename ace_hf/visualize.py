@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .arguments import check_results_folder, check_size, read_model_config, resolve_device
 from .configuration_ace import AceConfig
-from .image_io import IMAGE_SUFFIXES, decode_image, find_images
+from .image_io import decode_image, find_images, readable_suffixes
 from .image_processing_ace import AceImageProcessor
 from .modeling_ace import AceModel
 from .visualization import (
@@ -154,7 +154,7 @@ def visualize(args: VisualizationArguments) -> list[Path]:
     if args.images:
         paths = find_images(args.images)
         if not paths:
-            logger.error(f"No images found in {args.images} (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}).")
+            logger.error(f"No images found in {args.images} (suffixes: {', '.join(readable_suffixes())}).")
             return []
         size = args.size or first.processor.size["height"]
     else:

@@ -319,3 +319,11 @@ def test_script_smoke(model_dir, image_dir, tmp_path, monkeypatch) -> None:
         runpy.run_path(str(EXAMPLES / "extract_features.py"), run_name="__main__")
     assert exited.value.code == 0
     assert (tmp_path / "a.png.global.npy").is_file() and (tmp_path / "a.png.patch.npy").is_file()
+
+
+def test_a_folder_without_images_names_every_suffix_read_dicom_included(model_dir, tmp_path, caplog) -> None:
+    """With pydicom installed (the [dicom] extra, in [dev]) .dcm files are images too: the message says so."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no image here")
+    assert run(model_dir, tmp_path / "notes", tmp_path / "out", "npy", caplog) == 1
+    assert "No images found at" in caplog.text and ".png" in caplog.text and ".dcm" in caplog.text
