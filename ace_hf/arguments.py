@@ -125,7 +125,7 @@ def read_model_config(
 ) -> PretrainedConfig:
     """The config of the model `value` names, as `config_class` (default: AutoConfig) reads it (cheap: checks can
     use it before the weights load); ModelSourceError naming `option` when it cannot be read (no config.json, an
-    unknown or unreachable Hub id). Every command reads its models' configs here first, so this is where the ACE
+    unknown or unreachable Hub id, a config `config_class` cannot read). Every command reads its models' configs here first, so this is where the ACE
     classes are registered with the Auto classes: ACE folders then load without trust_remote_code."""
     # Imported here, not above: they load torch, which `--help` and argument mistakes need not wait for.
     from transformers import AutoConfig
@@ -137,7 +137,7 @@ def read_model_config(
     config_class = config_class or AutoConfig
     try:
         return config_class.from_pretrained(value, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelSourceError(f"{option} {value}: {reason}") from None
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to
+from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to, read_model_config
 from ..presets_ace import ACE_PRESETS
 
 
@@ -137,12 +137,15 @@ class PretrainingArguments:
         # Imported here, not above: they load torch, which `--help` and the other checks need not wait for.
         from ..configuration_ace import AceConfig
         from ..image_processing_ace import AceImageProcessor
-        from .overrides import overridden_config, parse_overrides, read_config
+        from .overrides import overridden_config, parse_overrides
 
         option = "--model_name_or_path" if self.model_name_or_path else "--config_name"
         source = self.model_name_or_path or self.config_name
         local = source is None or Path(source).expanduser().exists()
-        config = read_config(source, option) if source and local else AceConfig.from_preset(self.model_preset)
+        if source and local:
+            config = read_model_config(source, option, AceConfig)
+        else:
+            config = AceConfig.from_preset(self.model_preset)
         if self.config_overrides:
             config = overridden_config(config, self.config_overrides, validate=local)
         augmentation = parse_overrides(self.augmentation_overrides)

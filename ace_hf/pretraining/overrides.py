@@ -13,15 +13,6 @@ from ..image_processing_ace import PRETRAINING_SETTING_NAMES
 VALUE_KINDS = {int: "an integer", float: "a number", str: "text"}
 
 
-def read_config(source: str, option: str) -> AceConfig:
-    """The config in the local model folder or config file `source`; a ValueError naming `option` otherwise."""
-    try:
-        return AceConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{option} {source}: not an ACE config ({reason})") from None
-
-
 def overridden_config(config: AceConfig, text: str, validate: bool = True) -> AceConfig:
     """A copy of `config` with the --config_overrides `text` ('name=value,...') applied as the run applies them
     (`PretrainedConfig.update_from_string`), and, with `validate`, checked to build a working model; a
@@ -77,4 +68,4 @@ def parse_overrides(text: str | None) -> dict[str, float | tuple[float, float]]:
     return overrides
 
 
-__all__ = ["overridden_config", "parse_overrides", "read_config"]
+__all__ = ["overridden_config", "parse_overrides"]
