@@ -10,7 +10,9 @@ which `ace_hf.hub` needs for model cards, loads neither the renderer nor the sui
 - `baseline`: `PixelEncoder`, the pixels themselves as an encoder: the suite's non-learned column;
 - `suite`: `evaluate_encoder`, all of the above on one encoder;
 - `report`: the results as one Markdown table (`results_markdown`);
-- `run`: the command line (`EvaluationArguments`, `run_evaluation`, `main`).
+- `arguments`: `EvaluationArguments`, which encoders and baselines, where the results go;
+- `run`: `run_evaluation`, the suite on every encoder with the same crops and draws;
+- `cli`: `ace-hf evaluate` (`main`).
 
 Training-side package: never imported by the files that travel to the Hub.
 """
