@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,19 +28,25 @@ if TYPE_CHECKING:
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 # Earlier results named in a refusal, at most.
 HELD_NAMES_SHOWN = 3
-# --report_to's trackers (each needs its package installed).
-TRACKERS = ("tensorboard", "wandb")
+# --report_to's trackers, each with Accelerate's check that its package is installed.
+TRACKERS = {"tensorboard": "is_tensorboard_available", "wandb": "is_wandb_available"}
 
 
 def tracker_available(name: str) -> bool:
     """Whether the tracker `name`'s package is installed, as Accelerate decides (it would only warn, then log
     nothing). Accelerate is imported here, not above: it loads torch, which `--help` must not wait for."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    import accelerate.utils
 
-    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+    return getattr(accelerate.utils, TRACKERS[name])()
 
 
 REPORT_TO_CHOICES = ("none", "all", *TRACKERS)
+
+
+def option_field(help_text: str, default: Any = None, **metadata: Any) -> Any:
+    """A dataclass field that is a command-line option: its description is written once, here, and `--help` shows
+    it with the default."""
+    return field(default=default, metadata={"help": help_text, **metadata})
 
 
 class ModelSourceError(ValueError):
@@ -125,8 +132,9 @@ def read_model_config(
 ) -> PretrainedConfig:
     """The config of the model `value` names, as `config_class` (default: AutoConfig) reads it (cheap: checks can
     use it before the weights load); ModelSourceError naming `option` when it cannot be read (no config.json, an
-    unknown or unreachable Hub id, a config `config_class` cannot read). Every command reads its models' configs here first, so this is where the ACE
-    classes are registered with the Auto classes: ACE folders then load without trust_remote_code."""
+    unknown or unreachable Hub id, a config `config_class` cannot read). Every command reads its models' configs
+    here first, so this is where the ACE classes are registered with the Auto classes: ACE folders then load
+    without trust_remote_code."""
     # Imported here, not above: they load torch, which `--help` and argument mistakes need not wait for.
     from transformers import AutoConfig
 

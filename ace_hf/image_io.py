@@ -29,20 +29,24 @@ def is_dicom(path: str | Path) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
+def reads_dicom() -> bool:
+    """Whether DICOM files can be read here (the [dicom] extra installs pydicom)."""
+    return importlib.util.find_spec("pydicom") is not None
+
+
 def readable_suffixes() -> tuple[str, ...]:
     """The file suffixes read as images here: DICOM's only when pydicom is installed."""
-    dicom = importlib.util.find_spec("pydicom") is not None
-    return IMAGE_SUFFIXES + (DICOM_SUFFIXES if dicom else ())
+    return IMAGE_SUFFIXES + (DICOM_SUFFIXES if reads_dicom() else ())
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
     """Every image file under `folder` (recursive, sorted); DICOM files only when pydicom is installed."""
     files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
-    suffixes = readable_suffixes()
-    if DICOM_SUFFIXES[0] not in suffixes and (dicom_count := sum(is_dicom(path) for path in files)):
+    if not reads_dicom() and (dicom_count := sum(is_dicom(path) for path in files)):
         logger.warning(
             f"Skipping {dicom_count} DICOM file(s) in {folder}: pip install 'ace-hf[dicom]' to read them."
         )
+    suffixes = readable_suffixes()
     return [path for path in files if path.suffix.lower() in suffixes]
 
 

@@ -26,8 +26,9 @@ def lazy_exports(
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(exports[name], package), name)
         setattr(sys.modules[package], name, value)  # found directly from now on
-        while pending:
-            pending.pop()()
+        if pending:
+            pending[0]()
+            pending.clear()  # only once it has run: a failed hook is tried again on the next use
         return value
 
     def __dir__() -> list[str]:

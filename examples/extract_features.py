@@ -5,7 +5,7 @@
     python examples/extract_features.py extract.yaml   # the same arguments from a .json or .yaml file
 
 Every field of `ace_hf.commands.extract_features.FeatureExtractionArguments` is an option (--format npy|safetensors,
---batch_size, --device, ...); see `ace_hf.features` for the output layout.
+--batch_size, --device, ...); see `ace_hf.commands.extract_features` for the output layout.
 """
 
 import sys

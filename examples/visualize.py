@@ -6,7 +6,7 @@
     python examples/visualize.py visualize.yaml   # the same arguments from a .json or .yaml file
 
 Writes `pca.png` and `similarity.png` to --output_dir. Every field of `ace_hf.commands.visualize.VisualizationArguments`
-is an option; see `ace_hf.visualize` for what the pictures show.
+is an option; see `ace_hf.commands.visualize` for what the pictures show.
 """
 
 import sys

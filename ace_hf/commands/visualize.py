@@ -17,7 +17,7 @@ Images are `--images` (files or folders) or, without them, `--heldout N` held-ou
 first model's pretraining size (`grid_size * token_stride`), never seen in pretraining. `--random_init` adds the
 first model's architecture with random weights as a reference: what position embeddings and pixels alone give.
 An --output_dir that already holds the pictures is refused unless --overwrite_output_dir; a missing model folder,
-a --size or --query that does not fit is one `error:` line before any model loads..
+a --size or --query that does not fit is one `error:` line before any model loads.
 """
 
 from __future__ import annotations

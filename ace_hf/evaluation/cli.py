@@ -33,8 +33,10 @@ import logging
 from typing import Any
 
 from ..arguments import ModelSourceError, parse_arguments, run_or_exit
+from ..runs import OutputDirError
 from .arguments import EvaluationArguments
 from .config import EvaluationConfig, ShotsError
+from .report import results_markdown
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[EvaluationArguments, EvaluationConfig]:
@@ -45,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EvaluationArguments, Eval
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Parse the arguments, run the evaluation and print the Markdown table."""
     args, config = parse_args(argv)
-    # Imported once the arguments hold: they load torch, which `--help` and argument mistakes need not wait for.
-    from ..runs import OutputDirError
-    from .report import results_markdown
+    # Imported once the arguments hold: it loads torch, which `--help` and argument mistakes need not wait for.
     from .run import run_evaluation
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)

@@ -7,6 +7,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..arguments import option_field
+
 # The values of the size fields left unset (None): the full suite, and --quick's smaller one.
 FULL_SUITE: dict[str, Any] = {
     "num_anatomy_images": 64,
@@ -30,16 +32,6 @@ class ShotsError(ValueError):
     """A few-shot k that the training renders cannot supply: found before anything is rendered."""
 
 
-def _sized(help_text: str) -> Any:
-    """A field whose default comes from FULL_SUITE, or QUICK_SUITE with --quick."""
-    return field(default=None, metadata={"help": help_text})
-
-
-def _help(help_text: str, default: Any) -> Any:
-    """A field with its description: the one place it is written (the command line's --help shows it)."""
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class EvaluationConfig:
     """What the suite renders and runs (its time, measured on a 2-core CPU: `ace_hf.evaluation.cli`). Each field's
@@ -54,55 +46,55 @@ class EvaluationConfig:
             "score rests on one draw, and the fine-tuning rows are missing."
         },
     )
-    render_size: int | None = _help(
+    render_size: int | None = option_field(
         "Side of the held-out renders in pixels (unset: the model's pretraining image, grid_size * token_stride, "
         "so that one token covers the same anatomy as in pretraining).",
         None,
     )
-    num_anatomy_images: int | None = _sized(
+    num_anatomy_images: int | None = option_field(
         "Held-out renders for property analysis and segmentation (unset: 64, or 24 with --quick)."
     )
-    num_findings_images: int | None = _sized(
+    num_findings_images: int | None = option_field(
         "Held-out renders with findings (unset: 120, or 48 with --quick)."
     )
-    crop_fraction: float = _help(
+    crop_fraction: float = option_field(
         "Side of the random crops of the property analysis, as a fraction of the render.", 0.7
     )
-    matching_images: int | None = _help(
+    matching_images: int | None = option_field(
         "Renders used for anatomical and landmark matching, all ordered pairs (unset: all of "
         "--num_anatomy_images). With 24 the crops of two seeds moved the scores by 0.02 to 0.04 (docs/results.md).",
         None,
     )
-    min_label_fraction: float = _help(
+    min_label_fraction: float = option_field(
         "A patch gets a structure label when that structure covers at least this fraction of its pixels (else "
         "it is ignored).",
         0.5,
     )
-    segmentation_shots: list[int] | None = _sized(
+    segmentation_shots: list[int] | None = option_field(
         "k of few-shot segmentation (unset: 1 5 20, or 1 5 with --quick)."
     )
-    classification_shots: list[int] | None = _sized(
+    classification_shots: list[int] | None = option_field(
         "k of few-shot findings (unset: 10 40, or 10 with --quick)."
     )
-    test_fraction: float = _help("Share of the renders held back as the few-shot test set.", 0.375)
-    repeats: int | None = _sized(
+    test_fraction: float = option_field("Share of the renders held back as the few-shot test set.", 0.375)
+    repeats: int | None = option_field(
         "Draws of the k training renders per task and k (unset: 2, or 1 with --quick)."
     )
-    probe_steps: int = _help("Full-batch AdamW steps of the linear heads on frozen features.", 300)
-    probe_learning_rate: float = _help("Learning rate of the linear heads.", 1e-2)
-    finetune_steps: int | None = _sized(
+    probe_steps: int = option_field("Full-batch AdamW steps of the linear heads on frozen features.", 300)
+    probe_learning_rate: float = option_field("Learning rate of the linear heads.", 1e-2)
+    finetune_steps: int | None = option_field(
         "End-to-end fine-tuning steps, 0 skips it (unset: 40, or 0 with --quick)."
     )
-    finetune_learning_rate: float = _help(
+    finetune_learning_rate: float = option_field(
         "Encoder learning rate of end-to-end fine-tuning (the head gets 10x).", 1e-4
     )
-    finetune_batch_size: int = _help("Renders per fine-tuning step.", 4)
-    finetune_repeats: int = _help(
+    finetune_batch_size: int = option_field("Renders per fine-tuning step.", 4)
+    finetune_repeats: int = option_field(
         "How many of the --repeats draws are also fine-tuned (it costs far more than a linear head).", 1
     )
-    batch_size: int = _help("Images per forward pass when extracting features.", 16)
-    seed: int = _help("Seed of the crops, the few-shot draws and the heads' initialization.", 0)
-    cache_dir: str | None = _help(
+    batch_size: int = option_field("Images per forward pass when extracting features.", 16)
+    seed: int = option_field("Seed of the crops, the few-shot draws and the heads' initialization.", 0)
+    cache_dir: str | None = option_field(
         "Folder of the cached held-out renders (unset: HF_DATASETS_CACHE/ace_hf).", None
     )
 

@@ -7,15 +7,17 @@ numbers themselves live there, once.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..arguments import REPORT_TO_CHOICES, check_model_source, check_report_to, read_model_config
+from ..arguments import (
+    REPORT_TO_CHOICES,
+    check_model_source,
+    check_report_to,
+    option_field,
+    read_model_config,
+)
 from ..presets_ace import ACE_PRESETS
-
-
-def _help(text: str, default=None, **extra):
-    return field(default=default, metadata={"help": text, **extra})
 
 
 @dataclass
@@ -23,84 +25,94 @@ class PretrainingArguments:
     """What to pretrain on, which encoder, how long, and where the run and its export go."""
 
     # Data
-    dataset_name: str | None = _help("A Hub dataset (default: the built-in chest DRRs).")
-    dataset_config_name: str | None = _help("The Hub dataset's configuration.")
-    dataset_split: str = _help("The split to train on.", "train")
-    train_dir: str | None = _help("A folder of images (PNG, JPEG, TIFF; DICOM with the [dicom] extra).")
-    image_column: str = _help("The dataset's image column.", "image")
-    streaming: bool = _help("Stream the dataset (needs --max_steps).", False)
-    shuffle_buffer_size: int = _help("Shuffle buffer of a stream.", 1000)
-    default_num_images: int = _help("Size of the built-in DRR set.", 300)
-    dataloader_num_workers: int = _help("Data-loader worker processes.", 0)
-    views_on_device: bool | None = _help(
+    dataset_name: str | None = option_field("A Hub dataset (default: the built-in chest DRRs).")
+    dataset_config_name: str | None = option_field("The Hub dataset's configuration.")
+    dataset_split: str = option_field("The split to train on.", "train")
+    train_dir: str | None = option_field(
+        "A folder of images (PNG, JPEG, TIFF; DICOM with the [dicom] extra)."
+    )
+    image_column: str = option_field("The dataset's image column.", "image")
+    streaming: bool = option_field("Stream the dataset (needs --max_steps).", False)
+    shuffle_buffer_size: int = option_field("Shuffle buffer of a stream.", 1000)
+    default_num_images: int = option_field("Size of the built-in DRR set.", 300)
+    dataloader_num_workers: int = option_field("Data-loader worker processes.", 0)
+    views_on_device: bool | None = option_field(
         "Cut, augment and normalize the views on the training device; the data-loader workers only decode, "
         "window and crop the images and draw the random view parameters (default: on when the device is CUDA; "
         "--no-views_on_device keeps everything on the workers)."
     )
     # Model
-    model_preset: str = _help(
+    model_preset: str = option_field(
         "The architecture and the recipe's defaults.", "ace-vit-tiny", choices=sorted(ACE_PRESETS)
     )
-    config_name: str | None = _help("A config.json (or folder) overriding the preset's architecture.")
-    config_overrides: str | None = _help(
+    config_name: str | None = option_field("A config.json (or folder) overriding the preset's architecture.")
+    config_overrides: str | None = option_field(
         "Config fields to override, e.g. 'local_loss_weight=0,dino_out_dim=1024' (ablations, recipes)."
     )
-    model_name_or_path: str | None = _help("Continue from a pretrained ACE encoder (folder or Hub id).")
-    init_from_timm: str | None = _help(
+    model_name_or_path: str | None = option_field(
+        "Continue from a pretrained ACE encoder (folder or Hub id)."
+    )
+    init_from_timm: str | None = option_field(
         "Start student and teacher encoders from timm ImageNet weights: a timm model name (downloads) or a "
         "local .safetensors/.pth/.bin file or folder, as the official recipe does."
     )
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory).", False)
-    augmentation_overrides: str | None = _help(
+    gradient_checkpointing: bool = option_field(
+        "Recompute activations in the backward pass (less memory).", False
+    )
+    augmentation_overrides: str | None = option_field(
         "Image processor augmentation fields to override, ranges as low:high, e.g. "
         "'brightness=0.2,contrast=0.2,sharpness=1.2:1.5' (the official code's albumentations defaults)."
     )
     # Recipe (None: the preset's, see ace_hf.pretraining.recipe)
-    learning_rate: float | None = _help(
+    learning_rate: float | None = option_field(
         "Base learning rate for a global batch of 256 (default: the preset's)."
     )
-    min_learning_rate: float | None = _help("Learning rate at the end of the cosine (default: the preset's).")
-    weight_decay: float | None = _help("Weight decay at the start (default: the preset's).")
-    weight_decay_end: float | None = _help("Weight decay at the end (default: the preset's).")
-    warmup_epochs: float | None = _help("Linear learning-rate warm-up, in epochs (default: the preset's).")
-    num_train_epochs: int | None = _help("Epochs to train (default: the preset's).")
-    max_grad_norm: float | None = _help(
+    min_learning_rate: float | None = option_field(
+        "Learning rate at the end of the cosine (default: the preset's)."
+    )
+    weight_decay: float | None = option_field("Weight decay at the start (default: the preset's).")
+    weight_decay_end: float | None = option_field("Weight decay at the end (default: the preset's).")
+    warmup_epochs: float | None = option_field(
+        "Linear learning-rate warm-up, in epochs (default: the preset's)."
+    )
+    num_train_epochs: int | None = option_field("Epochs to train (default: the preset's).")
+    max_grad_norm: float | None = option_field(
         "Clip the global gradient norm (default: the preset's; DINO's code clips each tensor, the global norm "
         "works with fp16 scaling, FSDP and DeepSpeed)."
     )
-    freeze_last_layer_epochs: float | None = _help(
+    freeze_last_layer_epochs: float | None = option_field(
         "Epochs during which the global head's last layer is frozen (default: the preset's)."
     )
     # Loop
-    output_dir: str = _help("Where checkpoints and the exported encoder go.", "outputs/ace-pretrain")
-    per_device_train_batch_size: int = _help("Images per process and step.", 16)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", 1)
-    max_steps: int | None = _help("Optimizer steps; overrides --num_train_epochs.")
-    seed: int = _help("Seed of the weights, the data order and every view.", 0)
+    output_dir: str = option_field("Where checkpoints and the exported encoder go.", "outputs/ace-pretrain")
+    per_device_train_batch_size: int = option_field("Images per process and step.", 16)
+    gradient_accumulation_steps: int = option_field("Micro-batches per optimizer step.", 1)
+    max_steps: int | None = option_field("Optimizer steps; overrides --num_train_epochs.")
+    seed: int = option_field("Seed of the weights, the data order and every view.", 0)
     # Checkpoints, logging and the Hub
-    checkpointing_steps: int = _help("Save state every N steps (0: at the end).", 0)
-    checkpoints_total_limit: int = _help("Checkpoints kept (the newest).", 2)
-    export_with_checkpoints: bool = _help("Also export the encoder with each checkpoint.", False)
-    resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest' in --output_dir.")
-    allow_run_changes: str = _help(
+    checkpointing_steps: int = option_field("Save state every N steps (0: at the end).", 0)
+    checkpoints_total_limit: int = option_field("Checkpoints kept (the newest).", 2)
+    export_with_checkpoints: bool = option_field("Also export the encoder with each checkpoint.", False)
+    resume_from_checkpoint: str | None = option_field("A checkpoint folder, or 'latest' in --output_dir.")
+    allow_run_changes: str = option_field(
         "Fields that may differ from the resumed checkpoint's run (e.g. 'learning_rate,total_steps', or "
         "'all'); they are recorded in the training summary and the model card.",
         "",
     )
-    overwrite_output_dir: bool = _help(
+    overwrite_output_dir: bool = option_field(
         "Replace the export and checkpoints of another run in --output_dir (refused otherwise).", False
     )
-    logging_steps: int = _help("Log the losses every N steps.", 10)
-    report_to: str = _help(
+    logging_steps: int = option_field("Log the losses every N steps.", 10)
+    report_to: str = option_field(
         "Log the losses to tensorboard (under --output_dir) or wandb; all: every one installed.",
         "none",
         choices=REPORT_TO_CHOICES,
     )
-    push_to_hub: bool = _help("Upload the export to --hub_model_id when done.", False)
-    hub_model_id: str | None = _help("The Hub repository to push to (user/name).")
-    hub_private_repo: bool = _help("Create the Hub repository as private.", False)
-    hub_token: str | None = _help("A Hub token (default: $HF_TOKEN or the cached login).")
-    save_sample_ids: bool = _help("Write the example ids each process trained on.", False)
+    push_to_hub: bool = option_field("Upload the export to --hub_model_id when done.", False)
+    hub_model_id: str | None = option_field("The Hub repository to push to (user/name).")
+    hub_private_repo: bool = option_field("Create the Hub repository as private.", False)
+    hub_token: str | None = option_field("A Hub token (default: $HF_TOKEN or the cached login).")
+    save_sample_ids: bool = option_field("Write the example ids each process trained on.", False)
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
