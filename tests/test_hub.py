@@ -87,6 +87,24 @@ else:
     raise SystemExit("ace_hf is importable in the child process")
 """
 
+
+def run_without_ace_hf(script: str, *args: str, work: Path) -> None:
+    """Run `script` (which starts with BLOCK_ACE_HF) with `args` in a new offline process, in `work`, whose Hugging
+    Face cache is empty and which cannot see this checkout on PYTHONPATH; it must succeed."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(work / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 # Runs in a new process where ace_hf cannot be imported: only the code inside the exported folder can load.
 CHILD_SCRIPT = (
     BLOCK_ACE_HF
@@ -223,22 +241,7 @@ def test_export_names_a_missing_template_before_writing(tmp_path: Path) -> None:
 
 def test_export_loads_as_remote_code_in_a_process_without_ace_hf(exported, xray_png, tmp_path: Path) -> None:
     encoder, processor, folder = exported
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-    }
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD_SCRIPT, str(folder), str(xray_png), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_ace_hf(CHILD_SCRIPT, str(folder), str(xray_png), str(tmp_path), work=tmp_path)
 
     modules = json.loads((tmp_path / "modules.json").read_text())
     for key in ("model", "processor", "pipeline_model"):

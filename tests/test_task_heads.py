@@ -5,9 +5,6 @@ models, and task heads around a pretraining export)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from ace_hf import (
 )
 from ace_hf.hub import export_pretrained
 from tests.conftest import tiny_swin_config, tiny_vit_config
-from tests.test_hub import BLOCK_ACE_HF
+from tests.test_hub import BLOCK_ACE_HF, run_without_ace_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,24 +234,8 @@ def test_task_models_load_as_remote_code_in_a_process_without_ace_hf(tmp_path: P
     x = pixels(2)
     np.save(tmp_path / "pixels.npy", x.numpy())
 
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PYTHONPATH", None)
     folders = [str(tmp_path / "classification"), str(tmp_path / "segmentation")]
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD_SCRIPT, *folders, str(tmp_path / "pixels.npy"), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_without_ace_hf(CHILD_SCRIPT, *folders, str(tmp_path / "pixels.npy"), str(tmp_path), work=tmp_path)
 
     classes = json.loads((tmp_path / "classes.json").read_text())
     assert classes["classification"][1] == "AceForImageClassification"
@@ -318,23 +299,9 @@ def test_task_heads_load_from_a_pretraining_export_in_a_process_without_ace_hf(t
         pretraining_heads=pretraining,
     )
     np.save(tmp_path / "pixels.npy", pixels(2).numpy())
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", EXPORT_CHILD_SCRIPT, str(folder), str(tmp_path / "pixels.npy"), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_without_ace_hf(
+        EXPORT_CHILD_SCRIPT, str(folder), str(tmp_path / "pixels.npy"), str(tmp_path), work=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-4000:]
 
     facts = json.loads((tmp_path / "facts.json").read_text())
     assert facts.pop("ace_hf") == []
